@@ -16,10 +16,11 @@ class DataError(QwenEditError):
     pass
 
 
-def suggest(value: str, options: Iterable[str]) -> str:
-    """'did you mean X?' for the closest option, else the full list of valid options."""
+def suggest(value: str, options: Iterable[str], list_all: bool = True) -> str:
+    """'did you mean X?' for the closest option, plus the valid options when they are few."""
     options = sorted(options)
     close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
+    listing = f"valid: {', '.join(options)}" if list_all else "see README.md for every key"
     if close:
-        return f"did you mean {close[0]!r}? (valid: {', '.join(options)})"
-    return f"valid options: {', '.join(options)}"
+        return f"did you mean {close[0]!r}? ({listing})" if list_all else f"did you mean {close[0]!r}?"
+    return listing

@@ -1,0 +1,201 @@
+"""Prompt-embedding and VAE-latent caches: one safetensors file per sample, keyed by content.
+
+Each file records a fingerprint of everything that went into it (image bytes, caption,
+preprocessing, model, flavour) in its safetensors metadata. A cache pass encodes only samples
+whose fingerprint changed and prunes files whose sample left the manifest. Files are written
+to a temp name and renamed, so a reader never sees half a file.
+"""
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from trainer.conditioning import encode_image_latents, encode_prompt, preprocess_target, prepare_references
+from trainer.config import TrainConfig
+from trainer.dataset_config import DatasetConfig
+from trainer.images import bucket_size, load_rgb
+from trainer.io import atomic_write_with
+from trainer.models import compute_dtype, default_device, load_pipeline
+from trainer.pairing import reference_paths
+
+CACHE_FORMAT = "1"  # bump when what a cache file holds changes
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    encoded: int
+    reused: int
+    pruned: int
+    folders: tuple[str, ...]
+
+    def as_metadata(self) -> dict:
+        return {"encoded": self.encoded, "reused": self.reused, "pruned": self.pruned, "folders": list(self.folders)}
+
+
+@dataclass(frozen=True)
+class SamplePaths:
+    text: Path
+    vae: Path
+
+
+def sample_paths(dataset_config: DatasetConfig, config: TrainConfig, row) -> SamplePaths:
+    tset = dataset_config.training_set(dataset_config.by_id(row["dataset_id"]), config.flavour)
+    return SamplePaths(tset.text_cache_dir / f"{row['name']}.safetensors", tset.vae_cache_dir / f"{row['name']}.safetensors")
+
+
+def target_size(dataset_config: DatasetConfig, row) -> tuple[int, int]:
+    """The (width, height) bucket of a sample's target image."""
+    entry = dataset_config.by_id(row["dataset_id"])
+    with load_rgb(row["target_path"]) as image:
+        return bucket_size(image.width, image.height, entry.resolution, entry.resolution_type)
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _fingerprint(kind: str, config: TrainConfig, row, **extra) -> str:
+    parts = {
+        "format": CACHE_FORMAT,
+        "kind": kind,
+        "model": config.model_path,
+        "flavour": config.model_flavour,
+        "match_target_res": config.model_kwargs.match_target_res,
+        "references": [_file_digest(p) for p in reference_paths(row)],
+        **extra,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def text_fingerprint(config: TrainConfig, dataset_config: DatasetConfig, row) -> str:
+    extra = {"caption": row["caption"]}
+    if config.model_kwargs.match_target_res:
+        extra["target_size"] = target_size(dataset_config, row)
+    return _fingerprint("text", config, row, **extra)
+
+
+def vae_fingerprint(config: TrainConfig, dataset_config: DatasetConfig, row) -> str:
+    return _fingerprint(
+        "vae", config, row, target=_file_digest(row["target_path"]), target_size=target_size(dataset_config, row)
+    )
+
+
+def stored_fingerprint(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("fingerprint")
+    except (FileNotFoundError, OSError, Exception):  # unreadable = stale
+        return None
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint}))
+
+
+def _run_cache_pass(
+    manifest: pd.DataFrame,
+    path_of: Callable[[object], Path],
+    fingerprint_of: Callable[[object], str],
+    encode: Callable[[object], dict[str, torch.Tensor]],
+    description: str,
+) -> CacheStats:
+    rows = [row for _, row in manifest.iterrows()]
+    stale = []
+    for row in rows:
+        fingerprint = fingerprint_of(row)
+        if stored_fingerprint(path_of(row)) != fingerprint:
+            stale.append((row, fingerprint))
+    for row, fingerprint in tqdm(stale, desc=description, unit="sample", disable=not stale):
+        _save(path_of(row), encode(row), fingerprint)
+    wanted = {path_of(row) for row in rows}
+    folders = sorted({p.parent for p in wanted})
+    pruned = 0
+    for folder in folders:
+        for path in folder.glob("*.safetensors"):
+            if path not in wanted:
+                path.unlink()
+                pruned += 1
+    return CacheStats(len(stale), len(rows) - len(stale), pruned, tuple(str(f) for f in folders))
+
+
+def build_text_cache(
+    manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig, device: torch.device | None = None
+) -> CacheStats:
+    """Prompt embeddings with the reference images, as the pipeline's `encode_prompt` makes them."""
+    device = device or default_device()
+    pipe = None
+
+    def encode(row) -> dict[str, torch.Tensor]:
+        nonlocal pipe
+        pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, vae=False)
+        size = target_size(dataset_config, row) if config.model_kwargs.match_target_res else None
+        refs = prepare_references(pipe, config.flavour, [load_rgb(p) for p in reference_paths(row)], size)
+        embeds, mask = encode_prompt(pipe, config.flavour, row["caption"], refs)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+    return _run_cache_pass(
+        manifest,
+        lambda row: sample_paths(dataset_config, config, row).text,
+        lambda row: text_fingerprint(config, dataset_config, row),
+        encode,
+        "text embeddings",
+    )
+
+
+def build_vae_cache(
+    manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig, device: torch.device | None = None
+) -> CacheStats:
+    """Normalised VAE latents of the target (at its bucket size) and of each reference."""
+    device = device or default_device()
+    pipe = None
+
+    def encode(row) -> dict[str, torch.Tensor]:
+        nonlocal pipe
+        pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, text_encoder=False)
+        size = target_size(dataset_config, row)
+        refs = prepare_references(
+            pipe, config.flavour, [load_rgb(p) for p in reference_paths(row)],
+            size if config.model_kwargs.match_target_res else None,
+        )
+        tensors = {"target": encode_image_latents(pipe, preprocess_target(pipe, load_rgb(row["target_path"]), size))}
+        for index, image in enumerate(refs.vae_images):
+            tensors[f"reference_{index}"] = encode_image_latents(pipe, image)
+        return tensors
+
+    return _run_cache_pass(
+        manifest,
+        lambda row: sample_paths(dataset_config, config, row).vae,
+        lambda row: vae_fingerprint(config, dataset_config, row),
+        encode,
+        "VAE latents",
+    )
+
+
+@dataclass
+class CachedSample:
+    name: str
+    prompt_embeds: torch.Tensor  # [T, D]
+    prompt_embeds_mask: torch.Tensor  # [T]
+    target: torch.Tensor  # [16, h, w]
+    references: list[torch.Tensor]  # each [16, h_i, w_i]
+
+
+def load_sample(paths: SamplePaths, name: str) -> CachedSample:
+    text = load_file(str(paths.text))
+    vae = load_file(str(paths.vae))
+    refs = [vae[f"reference_{i}"] for i in range(len(vae) - 1)]
+    return CachedSample(name, text["prompt_embeds"], text["prompt_embeds_mask"], vae["target"], refs)
+
+
+def iter_samples(manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig) -> Iterator[CachedSample]:
+    for _, row in manifest.iterrows():
+        yield load_sample(sample_paths(dataset_config, config, row), row["name"])

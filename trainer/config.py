@@ -1,0 +1,229 @@
+"""The training config (`config.json`): one typed schema, the single source of truth for every key.
+
+Users bring SimpleTuner-style JSON: `//` comments are allowed and keys may carry SimpleTuner's
+`--` prefix. Unknown keys and bad values are errors that name the key, the value and the
+closest valid option.
+"""
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import json5
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainer.errors import ConfigError, suggest
+from trainer.flavours import FLAVOURS, FlavourName, get_flavour
+
+BaseModelPrecision = Literal[
+    "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb"
+]
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+Optimizer = Literal["adamw", "adamw_bf16"]
+
+# Keys whose value must be one of a fixed set; used to suggest the right value in errors.
+_FIXED_CHOICES = {
+    "base_model_precision": BaseModelPrecision.__args__,
+    "lr_scheduler": LrScheduler.__args__,
+    "optimizer": Optimizer.__args__,
+    "model_flavour": tuple(FLAVOURS),
+    "mixed_precision": ("bf16", "fp16", "no"),
+    "quantize_via": ("cpu", "accelerator"),
+    "report_to": ("mlflow", "none"),
+    "model_type": ("lora",),
+    "model_family": ("qwen_image",),
+    "ema_device": ("cpu", "accelerator"),
+}
+
+
+class ModelKwargs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # edit-v2/v3: VAE references take the target's size instead of ~1 megapixel.
+    match_target_res: bool = False
+
+
+class TrainConfig(BaseModel):
+    """Every key of SPEC §3, with SimpleTuner's names and meanings."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # model
+    model_type: Literal["lora"] = "lora"
+    model_family: Literal["qwen_image"] = "qwen_image"
+    model_flavour: FlavourName = "edit-v1"
+    pretrained_model_name_or_path: str | None = None  # default: the flavour's Hub checkpoint
+    model_kwargs: ModelKwargs = Field(default_factory=ModelKwargs)
+
+    # data
+    data_backend_config: str | None = None
+    eval_dataset_id: str | None = None
+    caption_dropout_probability: float = Field(0.0, ge=0.0, le=1.0)
+
+    # optimisation
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_train_steps: int | None = Field(None, ge=0)
+    num_train_epochs: int | None = Field(None, ge=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: LrScheduler = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    optimizer: Optimizer = "adamw"
+    max_grad_norm: float = Field(1.0, ge=0)
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float | None = Field(None, gt=0)  # default: lora_rank (scale 1)
+    seed: int = 42
+    flow_schedule_shift: float = Field(1.73, gt=0)
+
+    # precision and memory
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    gradient_checkpointing: bool = False
+    base_model_precision: BaseModelPrecision = "no_change"
+    quantize_via: Literal["cpu", "accelerator"] = "accelerator"
+    quantize_activations: bool = False
+
+    # outputs, checkpoints
+    output_dir: str = "output/models"
+    checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(None, ge=1)
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+
+    # EMA of the LoRA weights
+    use_ema: bool = False
+    ema_device: Literal["cpu", "accelerator"] = "cpu"
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+
+    # validation
+    validation_prompt: str | None = None
+    validation_negative_prompt: str = " "
+    validation_resolution: str = "1024x1024"
+    validation_guidance: float = Field(4.0, ge=0)
+    validation_num_inference_steps: int = Field(30, ge=1)
+    validation_step_interval: int | None = Field(None, ge=1)
+    validation_seed: int = 0
+
+    # tracking
+    report_to: Literal["mlflow", "none"] = "mlflow"
+    tracker_project_name: str = "qwen-edit"
+    tracker_run_name: str | None = None
+
+    @field_validator("validation_resolution", mode="before")
+    @classmethod
+    def _parse_resolution(cls, value: Any) -> str:
+        if isinstance(value, int):
+            return f"{value}x{value}"
+        if isinstance(value, str) and re.fullmatch(r"\d+(x\d+)?", value.strip()):
+            return value.strip() if "x" in value else f"{value.strip()}x{value.strip()}"
+        raise ValueError(f"expected 'WIDTHxHEIGHT' such as '1024x1024' or '768x768', got {value!r}")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "TrainConfig":
+        if self.train_batch_size != 1:
+            raise ValueError(
+                f"train_batch_size={self.train_batch_size}: the Qwen-Image Edit models train with "
+                "train_batch_size 1 (samples have different reference counts and sizes). For a larger "
+                f"effective batch set gradient_accumulation_steps={self.train_batch_size * self.gradient_accumulation_steps} "
+                "and train_batch_size=1."
+            )
+        if self.model_kwargs.match_target_res and not get_flavour(self.model_flavour).is_plus:
+            raise ValueError(
+                "model_kwargs.match_target_res applies to edit-v2 and edit-v3 only; edit-v1 feeds its "
+                "single reference at ~1 megapixel like QwenImageEditPipeline. Remove the key or use "
+                "model_flavour 'edit-v2'."
+            )
+        return self
+
+    # Derived values, so that callers never re-derive defaults.
+    @property
+    def flavour(self):
+        return get_flavour(self.model_flavour)
+
+    @property
+    def model_path(self) -> str:
+        return self.pretrained_model_name_or_path or self.flavour.default_model
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        """(width, height) of validation outputs."""
+        width, height = (int(v) for v in self.validation_resolution.split("x"))
+        return width, height
+
+    def resolved_max_train_steps(self, samples_per_epoch: int) -> int:
+        """max_train_steps wins when set and > 0; otherwise epochs x optimizer steps per epoch."""
+        if self.max_train_steps:
+            return self.max_train_steps
+        epochs = self.num_train_epochs or 1
+        return max(1, (epochs * samples_per_epoch) // self.gradient_accumulation_steps)
+
+
+def read_json_with_comments(path: Path) -> Any:
+    """JSON as users write it: `//` and `/* */` comments and trailing commas are allowed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    try:
+        return json5.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _strip_cli_prefix(raw: dict[str, Any]) -> dict[str, Any]:
+    return {key.removeprefix("--"): value for key, value in raw.items()}
+
+
+def parse_train_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validate a dict into a TrainConfig; errors name the key, the value and the fix."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object of config keys, got {type(raw).__name__}")
+    raw = _strip_cli_prefix(raw)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source, raw, TrainConfig)) from None
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    raw = read_json_with_comments(Path(path))
+    if isinstance(raw, dict) and overrides:
+        raw = {**_strip_cli_prefix(raw), **overrides}
+    return parse_train_config(raw, source=str(path))
+
+
+def format_validation_error(
+    exc: ValidationError,
+    source: str,
+    raw: dict[str, Any],
+    model: type[BaseModel],
+    choices: dict[str, tuple[str, ...]] = _FIXED_CHOICES,
+) -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s):"]
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"]) or "(config)"
+        key = str(error["loc"][0]) if error["loc"] else ""
+        value = error.get("input")
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key {location!r}: {suggest(key, model.model_fields, list_all=False)}")
+        elif key in choices and error["type"] in ("literal_error", "enum"):
+            lines.append(f"  - {location}={value!r} is not valid: {suggest(str(value), choices[key])}")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            shown = f"={value!r}" if key in raw and not isinstance(value, dict) else ""
+            lines.append(f"  - {location}{shown}: {message}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is parsed as JSON when it can be."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. learning_rate=1e-4")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip().removeprefix("--"), json5.loads(value)
+    except ValueError:
+        return key.strip().removeprefix("--"), value

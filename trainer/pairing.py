@@ -1,0 +1,194 @@
+"""The pairing manifest: one row per training sample, proven sound before any GPU time is spent.
+
+Every target image must have a same-named file in each of its conditioning datasets, a
+caption per its caption strategy, and every file must be a readable image. The checks are a
+pandera DataFrameModel validated lazily, so a failure lists *every* offending file at once.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from trainer.dataset_config import DatasetConfig, DatasetEntry, TrainingSet
+from trainer.errors import DataError
+from trainer.flavours import Flavour
+from trainer.images import is_image_file, probe_image
+
+MAX_REFERENCES = 3
+REFERENCE_COLUMNS = tuple(f"reference_{i}" for i in range(1, MAX_REFERENCES + 1))
+
+
+class PairingManifestModel(pa.DataFrameModel):
+    """What a sound manifest looks like; each check's name keys its message in the report."""
+
+    split: Series[str] = pa.Field(isin=["train", "eval"])
+    dataset_id: Series[str]
+    name: Series[str]
+    target_path: Series[str]
+    caption: Series[str] = pa.Field(nullable=True)
+    n_references: Series[int] = pa.Field(ge=1, le=MAX_REFERENCES)
+    reference_1: Series[str] = pa.Field(nullable=True)
+    reference_2: Series[str] = pa.Field(nullable=True)
+    reference_3: Series[str] = pa.Field(nullable=True)
+
+    @pa.check("target_path", "reference_1", "reference_2", "reference_3", element_wise=True, name="readable_image")
+    def _readable(cls, path) -> bool:
+        return path is None or pd.isna(path) or probe_image(path) is None
+
+    @pa.check("caption", element_wise=True, name="caption_present")
+    def _caption(cls, caption) -> bool:
+        return isinstance(caption, str) and caption.strip() != ""
+
+    @pa.dataframe_check(name="unique_sample")
+    def _unique(cls, df: pd.DataFrame) -> pd.Series:
+        return ~df.duplicated(["dataset_id", "name"], keep=False)
+
+    class Config:
+        strict = True
+        coerce = False
+
+
+@dataclass
+class PairingReport:
+    """Errors block training; warnings (e.g. references with no target) are shown, not fatal."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        lines = ["| severity | problem |", "|---|---|"]
+        lines += [f"| error | {e} |" for e in self.errors]
+        lines += [f"| warning | {w} |" for w in self.warnings]
+        return "\n".join(lines)
+
+
+class PairingError(DataError):
+    def __init__(self, report: PairingReport):
+        self.report = report
+        listing = "\n".join(f"  - {e}" for e in report.errors)
+        super().__init__(f"the dataset has {len(report.errors)} problem(s); nothing was encoded or trained:\n{listing}")
+
+
+def build_manifest(
+    dataset_config: DatasetConfig, flavour: Flavour, eval_dataset_id: str | None = None
+) -> tuple[pd.DataFrame, PairingReport]:
+    """Scan every image dataset, pair files by name, validate; raise PairingError on any error."""
+    rows: list[dict] = []
+    report = PairingReport()
+    for entry in dataset_config.image_entries:
+        tset = dataset_config.training_set(entry, flavour)
+        split = "eval" if entry.id == eval_dataset_id else "train"
+        rows += _pair_dataset(tset, split, report)
+    if eval_dataset_id is not None:
+        dataset_config.by_id(eval_dataset_id)  # a clear error when the id is wrong
+    manifest = pd.DataFrame(rows, columns=list(PairingManifestModel.to_schema().columns))
+    for column in ("caption", *REFERENCE_COLUMNS):
+        manifest[column] = manifest[column].astype(object)
+    manifest["n_references"] = manifest["n_references"].astype(int)
+    report.errors += _validate(manifest)
+    if not (manifest["split"] == "train").any() and not report.errors:
+        report.errors.append("no training samples: every image dataset is empty or is the eval dataset")
+    if report.errors:
+        raise PairingError(report)
+    return manifest.reset_index(drop=True), report
+
+
+def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[dict]:
+    entry = tset.target
+    if not tset.target_dir.is_dir():
+        report.errors.append(f"dataset {entry.id!r}: instance_data_dir {tset.target_dir} does not exist")
+        return []
+    targets = _image_files(tset.target_dir)
+    reference_files = []
+    for ref_entry, ref_dir in zip(tset.references, tset.reference_dirs):
+        if not ref_dir.is_dir():
+            report.errors.append(f"conditioning dataset {ref_entry.id!r}: instance_data_dir {ref_dir} does not exist")
+            return []
+        reference_files.append(_image_files(ref_dir))
+    for ref_entry, ref_dir, files in zip(tset.references, tset.reference_dirs, reference_files):
+        orphans = sorted(set(files) - set(targets))
+        for stem in orphans:
+            report.warnings.append(f"{files[stem]}: reference with no target image of the same name in {tset.target_dir}")
+    rows = []
+    for stem, target_path in sorted(targets.items()):
+        references = [
+            str(files.get(stem, ref_dir / target_path.name)) for files, ref_dir in zip(reference_files, tset.reference_dirs)
+        ]
+        references += [None] * (MAX_REFERENCES - len(references))
+        rows.append(
+            {
+                "split": split,
+                "dataset_id": entry.id,
+                "name": stem,
+                "target_path": str(target_path),
+                "caption": read_caption(entry, target_path),
+                "n_references": len(tset.references),
+                **dict(zip(REFERENCE_COLUMNS, references)),
+            }
+        )
+    return rows
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)}
+
+
+def read_caption(entry: DatasetEntry, target_path: Path) -> str | None:
+    if entry.caption_strategy == "instanceprompt":
+        return entry.instance_prompt
+    if entry.caption_strategy == "filename":
+        return target_path.stem.replace("_", " ")
+    caption_file = target_path.with_suffix(".txt")
+    try:
+        return caption_file.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
+def _validate(manifest: pd.DataFrame) -> list[str]:
+    try:
+        PairingManifestModel.validate(manifest, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        return sorted(set(_describe_failures(exc.failure_cases, manifest)))
+    return []
+
+
+def _describe_failures(failures: pd.DataFrame, manifest: pd.DataFrame) -> Iterable[str]:
+    for failure in failures.itertuples():
+        check = str(failure.check)
+        index = failure.index
+        row = manifest.loc[index] if index is not None and index in manifest.index else None
+        if check == "readable_image":
+            yield f"{failure.failure_case}: {probe_image(failure.failure_case)}" + (
+                f" (reference for {row.target_path})" if row is not None and failure.column != "target_path" else ""
+            )
+        elif check == "caption_present" or (failure.column == "caption" and row is not None):
+            yield f"{Path(row.target_path).with_suffix('.txt')}: caption missing, empty or not UTF-8 (caption_strategy textfile)"
+        elif check == "unique_sample" and row is not None:
+            yield f"{row.target_path}: two target images share the name {row['name']!r} in dataset {row.dataset_id!r}"
+        else:
+            where = f"row {index}" if row is None else row.target_path
+            yield f"{where}: column {failure.column!r} failed {check} with {failure.failure_case!r}"
+
+
+def reference_paths(row) -> list[str]:
+    """The row's reference files, in conditioning-dataset order."""
+    return [row[c] for c in REFERENCE_COLUMNS[: int(row["n_references"])]]
+
+
+def write_manifest(manifest: pd.DataFrame, path: Path) -> Path:
+    from trainer.io import atomic_write_text
+
+    atomic_write_text(path, manifest.to_json(orient="records", indent=1))
+    return path
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    manifest = pd.read_json(path, orient="records", dtype=False)
+    for column in ("caption", *REFERENCE_COLUMNS):
+        manifest[column] = manifest[column].astype(object).where(manifest[column].notna(), None)
+    return manifest
