@@ -43,4 +43,11 @@ def load_pipeline(
 def load_transformer(config: TrainConfig, dtype: torch.dtype):
     from diffusers import QwenImageTransformer2DModel
 
-    return QwenImageTransformer2DModel.from_pretrained(config.model_path, subfolder="transformer", torch_dtype=dtype)
+    kwargs = {}
+    if config.base_model_precision == "nf4-bnb":
+        from trainer.quantization import bnb_quantization_config
+
+        kwargs["quantization_config"] = bnb_quantization_config(config)
+    return QwenImageTransformer2DModel.from_pretrained(
+        config.model_path, subfolder="transformer", torch_dtype=dtype, **kwargs
+    )

@@ -2,8 +2,8 @@
 
 Every component is the real class (the same ones the Hub checkpoints load into), only tiny, and
 the folder is written by `save_pretrained`, so code under test loads it with exactly the calls
-it uses for `Qwen/Qwen-Image-Edit*`. Sizes follow /work/shared/FACTS.md ("Tiny real-architecture
-model"); the constraints between them are noted where each is set.
+it uses for `Qwen/Qwen-Image-Edit*`. The sizes are a known-working tiny set; the constraints
+between them (what must equal what) are noted where each is set.
 """
 
 import json
@@ -18,6 +18,7 @@ from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, Q
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
@@ -43,7 +44,8 @@ Z_DIM = 16  # the real latent channel count; the transformer sees 2x2-packed lat
 JOINT_DIM = 32  # transformer joint_attention_dim == text hidden_size == vision out_hidden_size
 
 # Qwen2.5-VL's vision patching and preprocessor pixel bounds. The real max_pixels (12.8 MP, not
-# transformers' 1 MP class default) lets the pipelines' ~1 MP and 384x384 images pass unresized.
+# transformers' 1.0 MP class default) keeps the pipelines' ~1 MP and 384x384 images from being
+# shrunk; they are only snapped to multiples of 28 px.
 PATCH, MERGE, TEMPORAL_PATCH = 14, 2, 2
 MIN_PIXELS, MAX_PIXELS = 3136, 12845056
 
@@ -87,7 +89,7 @@ def _vae() -> AutoencoderKLQwenImage:
     )
 
 
-def _text_encoder(tokenizer) -> Qwen2_5_VLForConditionalGeneration:
+def _text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config=dict(
@@ -126,7 +128,7 @@ def _text_encoder(tokenizer) -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def _processor(tokenizer) -> Qwen2VLProcessor:
+def _processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLProcessor:
     sizes = dict(
         patch_size=PATCH,
         merge_size=MERGE,
@@ -143,12 +145,12 @@ def _processor(tokenizer) -> Qwen2VLProcessor:
     )
 
 
-def _is_complete(folder: Path) -> bool:
-    return (folder / "model_index.json").is_file() and (folder / MARKER_FILE).is_file()
-
-
-def _marker(folder: Path) -> dict:
-    return json.loads((folder / MARKER_FILE).read_text())
+def _holds(folder: Path, wanted: dict) -> bool:
+    """True when `folder` is a complete tiny pipeline built with the `wanted` flavour and seed."""
+    if not (folder / "model_index.json").is_file() or not (folder / MARKER_FILE).is_file():
+        return False
+    marker = json.loads((folder / MARKER_FILE).read_text())
+    return all(marker.get(k) == v for k, v in wanted.items())
 
 
 def build_tiny_pipeline(
@@ -165,10 +167,13 @@ def build_tiny_pipeline(
     wanted = {"flavour": spec.name, "seed": seed}
 
     if out.exists() and not overwrite:
-        if _is_complete(out) and {k: _marker(out).get(k) for k in wanted} == wanted:
+        if _holds(out, wanted):
             return out
         if any(out.iterdir()):
-            raise FileExistsError(f"{out} holds something else than a tiny {spec.name} seed {seed} pipeline; pass overwrite=True")
+            raise FileExistsError(
+                f"{out} holds something other than a tiny {spec.name} pipeline of seed {seed}; "
+                "pass overwrite=True to replace it"
+            )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # A plain mkdir (not mkdtemp, which makes it 0700) so the folder gets the usual permissions.
@@ -192,14 +197,15 @@ def build_tiny_pipeline(
             transformer=transformer,
         )
         pipe.save_pretrained(tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps({**wanted, "pipeline_class": spec.pipeline_class}, indent=2) + "\n")
-        _swap_into_place(tmp, out, overwrite)
+        marker = {**wanted, "pipeline_class": spec.pipeline_class}
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        _swap_into_place(tmp, out, overwrite, wanted)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+def _swap_into_place(tmp: Path, out: Path, overwrite: bool, wanted: dict) -> None:
     """Rename `tmp` to `out`; an existing `out` is moved aside first only when overwriting."""
     old = None
     if overwrite and out.exists():
@@ -208,7 +214,7 @@ def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     try:
         os.replace(tmp, out)  # succeeds onto a missing or empty directory only
     except OSError:
-        if not _is_complete(out):  # not a concurrent builder that won the race
+        if not _holds(out, wanted):  # anything but a concurrent builder of the same pipeline
             raise
     finally:
         if old is not None:

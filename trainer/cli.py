@@ -1,0 +1,154 @@
+"""`qwen-edit`: the command line. Every command runs without Dagster, through the same
+`trainer` functions the Dagster assets call.
+
+    qwen-edit train example=qwen_image.edit-v1-lora
+    qwen-edit train --config config.json --data multidatabackend.json [--set learning_rate=1e-4]
+    qwen-edit check --config config.json            # validate config + data, nothing else
+    qwen-edit demo-setup                            # tiny models + demo dataset under ./demo
+    qwen-edit tiny-model OUT_DIR --flavour edit-v2
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainer.errors import QwenEditError
+
+DEMO_DIR = Path("demo")
+
+
+def _project_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("preset", nargs="?", help="example=NAME, a bundled preset (e.g. example=qwen_image.edit-v1-lora)")
+    parser.add_argument("--config", type=Path, help="config.json")
+    parser.add_argument("--data", type=Path, help="multidatabackend.json (default: the config's data_backend_config)")
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="base of relative paths (default: working directory)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _load(args: argparse.Namespace):
+    from trainer.config import parse_override
+    from trainer.workflow import example_paths, load_project
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.preset:
+        if not args.preset.startswith("example="):
+            raise QwenEditError(f"unexpected argument {args.preset!r}; did you mean example={args.preset}?")
+        config, data = example_paths(args.preset.split("=", 1)[1])
+        ensure_demo(args.root)
+        return load_project(config, data, args.root, overrides), overrides
+    if args.config is None:
+        raise QwenEditError("give example=NAME or --config config.json")
+    return load_project(args.config, args.data, args.root, overrides), overrides
+
+
+def ensure_demo(root: Path) -> None:
+    """The bundled presets train the tiny model on the demo data; build both once."""
+    from trainer.demo_data import generate_demo_dataset
+    from trainer.tiny_model import build_tiny_pipeline
+
+    demo = Path(root) / DEMO_DIR
+    for flavour in ("edit-v1", "edit-v2", "edit-v3"):
+        build_tiny_pipeline(demo / "models" / f"tiny-{flavour}", flavour=flavour)
+    generate_demo_dataset(demo / "data")
+
+
+def cmd_check(args) -> int:
+    from trainer.workflow import check_data
+
+    project, _ = _load(args)
+    manifest, report = check_data(project)
+    counts = manifest["split"].value_counts().to_dict()
+    print(f"config ok: {project.config_path}\ndata ok: {project.data_path}\nsamples: {counts}")
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    print(f"manifest: {project.manifest_path}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from trainer.caches import build_text_cache, build_vae_cache
+    from trainer.workflow import check_data
+
+    project, _ = _load(args)
+    manifest, _ = check_data(project)
+    for name, build in (("text embeddings", build_text_cache), ("VAE latents", build_vae_cache)):
+        stats = build(manifest, project.dataset_config, project.config)
+        print(f"{name}: {stats.encoded} encoded, {stats.reused} reused, {stats.pruned} pruned")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from trainer.caches import build_text_cache, build_vae_cache
+    from trainer.tracking import tracking_uri
+    from trainer.train import SUMMARY_NAME
+    from trainer.validation import log_to_mlflow, run_validation
+    from trainer.workflow import check_data, run_training_subprocess
+
+    project, overrides = _load(args)
+    print("1/4 checking data")
+    manifest, report = check_data(project)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    print("2/4 caching text embeddings and VAE latents")
+    build_text_cache(manifest, project.dataset_config, project.config)
+    build_vae_cache(manifest, project.dataset_config, project.config)
+    print("3/4 training")
+    run_training_subprocess(project, overrides)
+    print("4/4 validating")
+    import json
+
+    summary = json.loads((project.output_dir / SUMMARY_NAME).read_text())
+    report = run_validation(project.config, manifest, project.lora_dir, project.validation_dir)
+    if summary.get("mlflow_run_id"):
+        log_to_mlflow(report, summary["mlflow_run_id"], tracking_uri(project.root))
+    print(f"LoRA: {summary['lora_path']}\nvalidation report: {report.html_path}\nfinal loss: {summary['final_loss']:.5f}")
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from trainer.tiny_model import build_tiny_pipeline
+
+    print(build_tiny_pipeline(args.out_dir, flavour=args.flavour, seed=args.seed, overwrite=args.overwrite))
+    return 0
+
+
+def cmd_demo_setup(args) -> int:
+    ensure_demo(args.root)
+    print(f"demo models and data under {Path(args.root).resolve() / DEMO_DIR}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-edit", description="LoRA fine-tuning of the Qwen-Image Edit models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+        ("train", cmd_train, "check data, cache, train, validate"),
+        ("check", cmd_check, "validate the config and the data (pairing manifest)"),
+        ("cache", cmd_cache, "check data, then encode the text-embedding and VAE-latent caches"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        _project_args(sub)
+        sub.set_defaults(func=func)
+    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight pipeline folder")
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--flavour", default="edit-v1", choices=["edit-v1", "edit-v2", "edit-v3"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true")
+    tiny.set_defaults(func=cmd_tiny_model)
+    demo = commands.add_parser("demo-setup", help="tiny models and the demo dataset under ./demo")
+    demo.add_argument("--root", type=Path, default=Path.cwd())
+    demo.set_defaults(func=cmd_demo_setup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QwenEditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

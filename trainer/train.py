@@ -1,0 +1,364 @@
+"""The training recipe, an `accelerate` entry point:
+
+    accelerate launch -m trainer.train --config CONFIG --data DATA --manifest MANIFEST [--set key=value ...]
+
+It reads the caches written by `trainer.caches` (prompt embeddings, VAE latents), trains a
+LoRA on the transformer with flow matching exactly as the diffusers pipeline conditions it,
+checkpoints, and saves the LoRA. Rank 0 alone reports to Dagster (Pipes) and MLflow.
+"""
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+
+from trainer import checkpoints as ckpt
+from trainer.caches import CachedSample, SamplePaths, load_sample, sample_paths
+from trainer.conditioning import img_shapes, pack
+from trainer.config import TrainConfig, load_train_config, parse_override
+from trainer.dataset_config import DatasetConfig, load_dataset_config
+from trainer.errors import ConfigError, DataError
+from trainer.flow_matching import add_noise, sample_sigma, velocity_target
+from trainer.lora import add_lora, load_lora_state_dict, lora_state_dict, save_lora
+from trainer.models import load_transformer
+from trainer.pairing import read_manifest
+from trainer.quantization import quantize_transformer
+from trainer.reporting import Reporter, open_reporter
+from trainer.tracking import ensure_experiment, run_url, tracking_uri
+
+SUMMARY_NAME = "training_summary.json"
+
+
+def flow_matching_loss(transformer, sample: CachedSample, sigma: torch.Tensor, noise: torch.Tensor, dtype) -> torch.Tensor:
+    """One sample's loss, the transformer called exactly as the pipeline's denoising step calls it."""
+    device = sigma.device
+    x0 = sample.target[None].to(device, torch.float32)
+    noisy = pack(add_noise(x0, noise, sigma))
+    references = [pack(r[None].to(device, torch.float32)) for r in sample.references]
+    mask = sample.prompt_embeds_mask[None].to(device)
+    prediction = transformer(
+        hidden_states=torch.cat([noisy, *references], dim=1).to(dtype),
+        timestep=sigma.to(dtype),  # the pipeline passes t / 1000 = σ
+        encoder_hidden_states=sample.prompt_embeds[None].to(device, dtype),
+        encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # as the pipeline drops an all-ones mask
+        img_shapes=img_shapes(x0[0], [r[None] for r in sample.references]),
+        return_dict=False,
+    )[0]
+    prediction = prediction[:, : noisy.shape[1]]  # the target's tokens; references come after
+    return F.mse_loss(prediction.float(), pack(velocity_target(x0, noise)).float())
+
+
+def micro_step_sample(micro_step: int, n_samples: int, seed: int, world: int, rank: int) -> int:
+    """Which sample a rank trains on at a micro-step: a seeded permutation per epoch.
+
+    A pure function of the step, so a resumed run sees exactly the data order it would have.
+    """
+    global_index = micro_step * world + rank
+    epoch, position = divmod(global_index, n_samples)
+    order = np.random.default_rng([seed, epoch]).permutation(n_samples)
+    return int(order[position])
+
+
+def micro_step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, micro_step, rank)) & 0x7FFF_FFFF_FFFF)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    loss_history: list[float]
+    lora_path: Path
+    output_dir: Path
+    mlflow_run_id: str | None = None
+    mlflow_run_url: str | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "steps": self.steps,
+            "final_loss": self.final_loss,
+            "loss_history": self.loss_history,
+            "lora_path": str(self.lora_path),
+            "output_dir": str(self.output_dir),
+            "mlflow_run_id": self.mlflow_run_id,
+            "mlflow_run_url": self.mlflow_run_url,
+            "seconds": self.seconds,
+        }
+
+
+class LoraTrainingRecipe:
+    """setup -> train -> save -> cleanup, in the manner of torchtune's recipes."""
+
+    def __init__(self, config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path, tags: dict[str, str]):
+        self.config = config
+        self.dataset_config = dataset_config
+        self.project_root = project_root
+        self.tags = tags
+        manifest = read_manifest(manifest_path)
+        self.samples: list[tuple[str, SamplePaths]] = [
+            (row["name"], sample_paths(dataset_config, config, row)) for _, row in manifest.iterrows() if row["split"] == "train"
+        ]
+        self.output_dir = dataset_config.resolve(config.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+
+    # -- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        config = self.config
+        self._check_caches()
+        on_cpu = not torch.cuda.is_available()
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision="no" if on_cpu else config.mixed_precision,
+            cpu=on_cpu,
+        )
+        self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision, torch.float32)
+        transformer = load_transformer(config, self.weight_dtype)
+        if config.base_model_precision not in ("no_change", "nf4-bnb"):
+            quantize_transformer(transformer, config, self.accelerator.device)
+        transformer.to(self.accelerator.device)
+        params = add_lora(transformer, config.lora_rank, config.lora_scale_alpha, config.seed)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.max_steps = config.resolved_max_train_steps(len(self.samples))
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=self.max_steps
+        )
+        self.transformer, self.optimizer = self.accelerator.prepare(transformer, optimizer)
+        self.params = params
+        self.start_step, self.loss_history = 0, []
+        resume = ckpt.resolve_resume(self.checkpoint_root, config.resume_from_checkpoint)
+        if resume is not None:
+            state = ckpt.load_checkpoint(resume)
+            load_lora_state_dict(self.accelerator.unwrap_model(self.transformer), state.lora)
+            self.optimizer.load_state_dict(state.optimizer)
+            self.lr_scheduler.load_state_dict(state.lr_scheduler)
+            self.start_step, self.loss_history = state.step, list(state.loss_history)
+        self.resumed_from = resume
+
+    def _check_caches(self) -> None:
+        if not self.samples:
+            raise DataError("the manifest has no training samples")
+        missing = [str(p.text if not p.text.exists() else p.vae) for _, p in self.samples if not (p.text.exists() and p.vae.exists())]
+        if missing:
+            raise DataError(
+                f"{len(missing)} sample(s) have no cache yet, e.g. {missing[0]}; materialise the text_embeds "
+                "and vae_latents assets (or run `qwen-edit cache`) before training"
+            )
+
+    # -- train ---------------------------------------------------------------------------
+    def train(self, reporter: Reporter, on_step=None) -> None:
+        config, accelerator = self.config, self.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        accumulation = config.gradient_accumulation_steps
+        self.transformer.train()
+        reporter.log(
+            f"training {self.max_steps} steps on {len(self.samples)} samples "
+            f"(accumulation {accumulation}, {world} process(es), {accelerator.device}, from step {self.start_step})"
+        )
+        for step in range(self.start_step, self.max_steps):
+            losses = []
+            for micro in range(step * accumulation, (step + 1) * accumulation):
+                index = micro_step_sample(micro, len(self.samples), config.seed, world, rank)
+                sample = load_sample(self.samples[index][1], self.samples[index][0])
+                generator = micro_step_generator(config.seed, micro, rank)
+                sigma = sample_sigma(config.flow_schedule_shift, generator).to(accelerator.device)
+                noise = torch.randn((1, *sample.target.shape), generator=generator).to(accelerator.device)
+                with accelerator.accumulate(self.transformer):
+                    loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+            self.lr_scheduler.step()
+            step_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
+            self.loss_history.append(step_loss)
+            if on_step is not None:
+                on_step(step + 1, step_loss, self.lr_scheduler.get_last_lr()[0])
+            if (step + 1) % config.checkpointing_steps == 0 and step + 1 < self.max_steps:
+                self.save_checkpoint(step + 1)
+                reporter.log(f"step {step + 1}: checkpoint saved")
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            state = ckpt.TrainingState(
+                step=step,
+                lora=lora_state_dict(self.accelerator.unwrap_model(self.transformer)),
+                optimizer=self.optimizer.state_dict(),
+                lr_scheduler=self.lr_scheduler.state_dict(),
+                loss_history=self.loss_history,
+            )
+            ckpt.save_checkpoint(self.checkpoint_root, state, self.config.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def save_lora(self) -> Path:
+        path = self.output_dir / "lora"
+        if self.accelerator.is_main_process:
+            save_lora(self.config.flavour.pipeline_cls(), self.accelerator.unwrap_model(self.transformer), path)
+        self.accelerator.wait_for_everyone()
+        return path / "pytorch_lora_weights.safetensors"
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()
+
+
+def plot_loss(history: list[float], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(range(1, len(history) + 1), history, lw=1, alpha=0.5, label="loss")
+    if len(history) >= 10:
+        window = max(2, len(history) // 10)
+        smooth = np.convolve(history, np.ones(window) / window, mode="valid")
+        ax.plot(range(window, len(history) + 1), smooth, lw=2, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class MlflowRun:
+    """Rank 0's MLflow run: params at the start, a loss history per step, artifacts at the end."""
+
+    def __init__(self, config: TrainConfig, project_root: Path, tags: dict[str, str]):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.uri = tracking_uri(project_root)
+        self.experiment_id = ensure_experiment(config.tracker_project_name, self.uri, project_root)
+        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=config.tracker_run_name, tags=tags)
+        self.run_id = run.info.run_id
+        params = {k: v for k, v in config.model_dump().items() if v is not None}
+        params["model_kwargs"] = json.dumps(params.get("model_kwargs", {}))
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    @property
+    def url(self) -> str:
+        return run_url(self.uri, self.experiment_id, self.run_id)
+
+    def log_step(self, step: int, loss: float, lr: float) -> None:
+        self.mlflow.log_metrics({"train_loss": loss, "learning_rate": lr}, step=step)
+
+    def finish(self, result: TrainResult, curve: Path) -> None:
+        self.mlflow.log_metrics({"final_loss": result.final_loss, "train_seconds": result.seconds})
+        self.mlflow.log_artifact(str(result.lora_path), artifact_path="lora")
+        self.mlflow.log_artifact(str(curve), artifact_path="plots")
+        self.mlflow.end_run()
+
+
+def run_training(
+    config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path, tags: dict[str, str]
+) -> TrainResult | None:
+    recipe = LoraTrainingRecipe(config, dataset_config, manifest_path, project_root, tags)
+    recipe.setup()
+    is_main = recipe.accelerator.is_main_process
+    started = time.time()
+    with open_reporter(is_main) as reporter:
+        tracker = MlflowRun(config, project_root, tags) if (is_main and config.report_to == "mlflow") else None
+        progress = _progress_bar(recipe, is_main)
+
+        def on_step(step: int, loss: float, lr: float) -> None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if tracker:
+                tracker.log_step(step, loss, lr)
+            if step % max(1, recipe.max_steps // 10) == 0 or step == recipe.max_steps:
+                reporter.log(f"step {step}/{recipe.max_steps} loss {loss:.5f} lr {lr:.2e}")
+
+        recipe.train(reporter, on_step)
+        progress.close()
+        lora_path = recipe.save_lora()
+        recipe.save_checkpoint(recipe.max_steps)
+        recipe.cleanup()
+        if not is_main:
+            return None
+        history = recipe.loss_history
+        result = TrainResult(
+            steps=len(history),
+            final_loss=float(np.mean(history[-max(1, len(history) // 10):])) if history else math.nan,
+            loss_history=history,
+            lora_path=lora_path,
+            output_dir=recipe.output_dir,
+            seconds=time.time() - started,
+        )
+        curve = plot_loss(history, recipe.output_dir / "loss_curve.png")
+        if tracker:
+            result.mlflow_run_id, result.mlflow_run_url = tracker.run_id, tracker.url
+            tracker.finish(result, curve)
+        from trainer.io import atomic_write_json
+
+        atomic_write_json(recipe.output_dir / SUMMARY_NAME, result.to_json())
+        reporter.materialization(
+            {
+                "final_loss": result.final_loss,
+                "steps": result.steps,
+                "lora_path": str(lora_path),
+                "lora_bytes": lora_path.stat().st_size,
+                "loss_curve": str(curve),
+                "mlflow_run_id": result.mlflow_run_id or "",
+                "mlflow_run_url": result.mlflow_run_url or "",
+                "resumed_from": str(recipe.resumed_from or ""),
+                "train_seconds": round(result.seconds, 2),
+            }
+        )
+        reporter.log(f"saved LoRA to {lora_path} (final loss {result.final_loss:.5f})")
+        return result
+
+
+def _progress_bar(recipe: LoraTrainingRecipe, is_main: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=recipe.max_steps, initial=recipe.start_step, desc="training", unit="step", disable=not is_main)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="trainer.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, type=Path, help="training config.json")
+    parser.add_argument("--data", type=Path, help="multidatabackend.json (default: the config's data_backend_config)")
+    parser.add_argument("--manifest", required=True, type=Path, help="pairing manifest written by the pairing step")
+    parser.add_argument("--project-root", type=Path, default=Path.cwd(), help="where relative paths and mlruns/ live")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE", help="MLflow run tag")
+    return parser.parse_args(argv)
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[TrainConfig, DatasetConfig]:
+    overrides = dict(parse_override(o) for o in args.overrides)
+    config = load_train_config(args.config, overrides)
+    data = args.data or config.data_backend_config
+    if data is None:
+        raise ConfigError(f"{args.config}: no data_backend_config; pass --data multidatabackend.json")
+    root = args.project_root.resolve()
+    data_path = Path(data) if Path(data).is_absolute() else root / data
+    return config, load_dataset_config(data_path, config.flavour, base_dir=root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config, dataset_config = load_inputs(args)
+    tags = dict(t.split("=", 1) for t in args.tags)
+    run_training(config, dataset_config, args.manifest, args.project_root.resolve(), tags)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

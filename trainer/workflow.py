@@ -1,0 +1,132 @@
+"""The stages of a run, shared by the CLI and the Dagster assets: check -> cache -> train -> validate.
+
+A `Project` is a loaded, validated config + dataset config with the folders they resolve to;
+each stage is a plain function of it, so Dagster assets stay thin wrappers.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from trainer.config import TrainConfig, load_train_config
+from trainer.dataset_config import DatasetConfig, load_dataset_config
+from trainer.errors import ConfigError
+from trainer.pairing import PairingReport, build_manifest, read_manifest, write_manifest
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+MANIFEST_NAME = "pairing_manifest.json"
+
+
+@dataclass(frozen=True)
+class Project:
+    config: TrainConfig
+    dataset_config: DatasetConfig
+    config_path: Path
+    data_path: Path
+    root: Path  # relative paths, caches and mlruns/ live under it
+
+    @property
+    def output_dir(self) -> Path:
+        return self.dataset_config.resolve(self.config.output_dir)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.output_dir / MANIFEST_NAME
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.output_dir / "validation"
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.output_dir / "lora"
+
+
+def load_project(config_path: Path, data_path: Path | None = None, root: Path | None = None, overrides: dict | None = None) -> Project:
+    root = Path(root or Path.cwd()).resolve()
+    config_path = _under(root, Path(config_path))
+    config = load_train_config(config_path, overrides)
+    if data_path is None:
+        if config.data_backend_config is None:
+            raise ConfigError(f"{config_path}: set data_backend_config or pass --data multidatabackend.json")
+        data_path = Path(config.data_backend_config)
+    data_path = _under(root, Path(data_path))
+    dataset_config = load_dataset_config(data_path, config.flavour, base_dir=root)
+    if config.eval_dataset_id is not None:
+        entry = dataset_config.by_id(config.eval_dataset_id)
+        if entry.dataset_type != "image":
+            raise ConfigError(f"{config_path}: eval_dataset_id {config.eval_dataset_id!r} must name an image dataset")
+    return Project(config, dataset_config, config_path, data_path, root)
+
+
+def _under(root: Path, path: Path) -> Path:
+    return path if path.is_absolute() else root / path
+
+
+def example_paths(name: str) -> tuple[Path, Path]:
+    """config.json and multidatabackend.json of a bundled preset, e.g. 'qwen_image.edit-v1-lora'."""
+    folder = EXAMPLES_DIR / name
+    if not folder.is_dir():
+        from trainer.errors import suggest
+
+        raise ConfigError(f"no example {name!r}; {suggest(name, [p.name for p in EXAMPLES_DIR.iterdir() if p.is_dir()])}")
+    return folder / "config.json", folder / "multidatabackend.json"
+
+
+def check_data(project: Project) -> tuple[pd.DataFrame, PairingReport]:
+    """Build and validate the pairing manifest; raises PairingError listing every bad file."""
+    manifest, report = build_manifest(project.dataset_config, project.config.flavour, project.config.eval_dataset_id)
+    write_manifest(manifest, project.manifest_path)
+    return manifest, report
+
+
+def load_manifest(project: Project) -> pd.DataFrame:
+    return read_manifest(project.manifest_path)
+
+
+def training_command(
+    project: Project, overrides: dict | None = None, tags: dict | None = None, num_processes: int | None = None
+) -> list[str]:
+    """`accelerate launch` of the training entry point, hyperparameters on the command line."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    processes = num_processes or max(1, gpus)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1"]
+    launch += ["--dynamo_backend", "no", "--mixed_precision", "no" if gpus == 0 else project.config.mixed_precision]
+    launch += ["--cpu"] if gpus == 0 else (["--multi_gpu"] if processes > 1 else [])
+    command = launch + [
+        "-m", "trainer.train",
+        "--config", str(project.config_path),
+        "--data", str(project.data_path),
+        "--manifest", str(project.manifest_path),
+        "--project-root", str(project.root),
+    ]
+    for key, value in (overrides or {}).items():
+        command += ["--set", f"{key}={value}"]
+    for key, value in (tags or {}).items():
+        command += ["--tag", f"{key}={value}"]
+    return command
+
+
+def training_env(project: Project) -> dict[str, str]:
+    """The subprocess sees the project on its path and the same MLflow store as we do."""
+    from trainer.tracking import tracking_uri
+
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    env["MLFLOW_TRACKING_URI"] = tracking_uri(project.root)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_training_subprocess(project: Project, overrides: dict | None = None) -> None:
+    command = training_command(project, overrides)
+    print("$", shlex.join(command), flush=True)
+    subprocess.run(command, env=training_env(project), cwd=project.root, check=True)
