@@ -1,0 +1,41 @@
+"""The validation report: edits of every eval pair without and with the LoRA, scored against targets."""
+
+import json
+
+import dagster as dg
+import pandas as pd
+
+from qwen_edit_assets.metadata import image_markdown
+from qwen_edit_assets.resources import QwenEditProject
+
+GROUP = "training"
+
+
+@dg.asset(
+    group_name=GROUP,
+    pool="gpu",
+    deps=["trained_lora"],
+    kinds={"pytorch", "html", "mlflow"},
+    description="Generated edits for the eval split (true CFG at validation_guidance), reference | base | "
+    "LoRA | target per row with latent and pixel metrics; an HTML report, also logged to MLflow.",
+)
+def validation_report(context: dg.AssetExecutionContext, project: QwenEditProject, pairing_manifest: pd.DataFrame) -> dg.MaterializeResult:
+    from trainer.tracking import tracking_uri
+    from trainer.train import SUMMARY_NAME
+    from trainer.validation import log_to_mlflow, run_validation
+
+    loaded = project.load()
+    summary = json.loads((loaded.output_dir / SUMMARY_NAME).read_text())
+    report = run_validation(loaded.config, pairing_manifest, loaded.lora_dir, loaded.validation_dir)
+    if summary.get("mlflow_run_id"):
+        log_to_mlflow(report, summary["mlflow_run_id"], tracking_uri(loaded.root))
+    metadata = {
+        "report": dg.MetadataValue.path(str(report.html_path)),
+        "pairs": len(report.rows),
+        "source_split": report.source_split,
+        "grid": image_markdown(report.grid_path, "reference(s) | base | LoRA | target"),
+        **{key: dg.MetadataValue.float(value) for key, value in report.summary.items()},
+    }
+    if summary.get("mlflow_run_url"):
+        metadata["mlflow_run_url"] = dg.MetadataValue.url(summary["mlflow_run_url"])
+    return dg.MaterializeResult(metadata=metadata)
