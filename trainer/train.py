@@ -23,9 +23,9 @@ from diffusers.optimization import get_scheduler
 from trainer import checkpoints as ckpt
 from trainer.caches import CachedSample, SamplePaths, load_sample, sample_paths
 from trainer.conditioning import img_shapes, pack
-from trainer.config import TrainConfig, load_train_config, parse_override
-from trainer.dataset_config import DatasetConfig, load_dataset_config
-from trainer.errors import ConfigError, DataError
+from trainer.config import TrainConfig, parse_override
+from trainer.dataset_config import DatasetConfig
+from trainer.errors import DataError
 from trainer.flow_matching import add_noise, sample_sigma, velocity_target
 from trainer.lora import add_lora, load_lora_state_dict, lora_state_dict, save_lora
 from trainer.models import load_transformer
@@ -341,22 +341,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[TrainConfig, DatasetConfig]:
-    overrides = dict(parse_override(o) for o in args.overrides)
-    config = load_train_config(args.config, overrides)
-    data = args.data or config.data_backend_config
-    if data is None:
-        raise ConfigError(f"{args.config}: no data_backend_config; pass --data multidatabackend.json")
-    root = args.project_root.resolve()
-    data_path = Path(data) if Path(data).is_absolute() else root / data
-    return config, load_dataset_config(data_path, config.flavour, base_dir=root)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from trainer.workflow import load_project
+
     args = parse_args(argv)
-    config, dataset_config = load_inputs(args)
+    overrides = dict(parse_override(o) for o in args.overrides)
+    project = load_project(args.config, args.data, args.project_root, overrides)
     tags = dict(t.split("=", 1) for t in args.tags)
-    run_training(config, dataset_config, args.manifest, args.project_root.resolve(), tags)
+    run_training(project.config, project.dataset_config, args.manifest, project.root, tags)
     return 0
 
 

@@ -56,12 +56,21 @@ def load_project(config_path: Path, data_path: Path | None = None, root: Path | 
             raise ConfigError(f"{config_path}: set data_backend_config or pass --data multidatabackend.json")
         data_path = Path(config.data_backend_config)
     data_path = _under(root, Path(data_path))
+    config = with_local_model_path(config, root)
     dataset_config = load_dataset_config(data_path, config.flavour, base_dir=root)
     if config.eval_dataset_id is not None:
         entry = dataset_config.by_id(config.eval_dataset_id)
         if entry.dataset_type != "image":
             raise ConfigError(f"{config_path}: eval_dataset_id {config.eval_dataset_id!r} must name an image dataset")
     return Project(config, dataset_config, config_path, data_path, root)
+
+
+def with_local_model_path(config: TrainConfig, root: Path) -> TrainConfig:
+    """A relative model path that exists under the root is a local folder; otherwise a Hub id."""
+    local = root / config.model_path
+    if not Path(config.model_path).is_absolute() and local.is_dir():
+        return config.model_copy(update={"pretrained_model_name_or_path": str(local)})
+    return config
 
 
 def _under(root: Path, path: Path) -> Path:
