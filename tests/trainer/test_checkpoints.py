@@ -95,6 +95,16 @@ def test_a_half_written_temp_folder_is_not_a_checkpoint(tmp_path):
     assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-10"
 
 
+def test_a_save_that_fails_midway_publishes_no_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, state(10), total_limit=1)
+    broken = state(20)
+    broken.optimizer = {"state": lambda: None}  # not picklable: fails after lora.safetensors is written
+    with pytest.raises(Exception):
+        save_checkpoint(tmp_path, broken, total_limit=1)
+    assert steps(tmp_path) == ["checkpoint-10"]  # and the limit did not delete the good one
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-10"
+
+
 def test_checkpoint_dirs_of_a_missing_folder_is_empty(tmp_path):
     assert checkpoint_dirs(tmp_path / "not-yet") == []
 

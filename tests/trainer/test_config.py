@@ -28,7 +28,7 @@ GUIDE_KEYS = {
     "validation_resolution": "768x768",
     "validation_guidance": 4.0,
     "validation_num_inference_steps": 30,
-    "validation_step_interval": 250,
+    "validation_step_interval": None,  # see NOT_YET_BUILT
     "mixed_precision": "bf16",
     "gradient_checkpointing": True,
     "base_model_precision": "int8-quanto",
@@ -56,12 +56,15 @@ SIMPLETUNER_KEYS = {
     "checkpointing_steps": 500,
     "checkpoints_total_limit": 3,
     "resume_from_checkpoint": "latest",
-    "use_ema": True,
+    "use_ema": False,  # see NOT_YET_BUILT
     "ema_device": "cpu",
     "validation_prompt": "make the square blue",
     "validation_negative_prompt": "blurry",
     "report_to": "mlflow",
 }
+# Keys accepted for SimpleTuner compatibility whose feature is not built yet: they parse in their
+# "off" state only; any other value is refused with a message naming it.
+NOT_YET_BUILT = {"use_ema": True, "validation_step_interval": 250, "caption_dropout_probability": 0.1}
 
 
 def config_error(raw: dict) -> str:
@@ -81,6 +84,13 @@ def test_every_guide_and_simpletuner_key_parses_to_the_value_given():
             assert config.model_kwargs.match_target_res is True
         else:
             assert getattr(config, key) == value, key
+
+
+@pytest.mark.parametrize("key, value", NOT_YET_BUILT.items())
+def test_keys_whose_feature_is_not_built_yet_are_refused_unless_off(key, value):
+    message = config_error({key: value})
+    assert f"{key}={value!r}: not implemented yet" in message
+    assert "remove the key(s)" in message
 
 
 def test_the_spec_key_lists_cover_the_whole_schema_except_documented_extras():
@@ -108,7 +118,8 @@ def test_a_config_file_may_carry_comments_trailing_commas_and_dash_dash_keys(tmp
 
 
 def test_dash_dash_keys_are_accepted_in_a_dict_too():
-    assert parse_train_config({"--seed": 3, "--use_ema": True}).seed == 3
+    config = parse_train_config({"--seed": 3, "--lora_rank": 4})
+    assert (config.seed, config.lora_rank) == (3, 4)
 
 
 def test_overrides_win_over_the_file_even_when_the_file_uses_dash_dash(tmp_path):
@@ -285,7 +296,7 @@ def test_resolved_max_train_steps(keys, samples, steps):
     "text, pair",
     [
         ("learning_rate=1e-4", ("learning_rate", 1e-4)),
-        ("--use_ema=true", ("use_ema", True)),
+        ("--gradient_checkpointing=true", ("gradient_checkpointing", True)),
         ("lora_rank=16", ("lora_rank", 16)),
         ("validation_resolution=768x512", ("validation_resolution", "768x512")),  # not JSON: kept as text
         ("resume_from_checkpoint=latest", ("resume_from_checkpoint", "latest")),

@@ -55,6 +55,7 @@ SIZE = 64  # output width and height in pixels: 8x8 latents, 4x4 = 16 target tok
 STEPS = 2
 TRUE_CFG = 4.0
 SEED = 1234
+TARGET_LATENT_SHAPE = (16, SIZE // 8, SIZE // 8)  # the VAE's 16 channels at 1/8 scale
 
 EXACT = dict(rtol=0.0, atol=0.0)
 REBUILT = dict(rtol=1e-5, atol=1e-5)
@@ -183,10 +184,6 @@ def assert_same_mask(actual: torch.Tensor | None, expected: torch.Tensor | None)
         torch.testing.assert_close(actual, expected, **EXACT)
 
 
-def target_latent_shape(case: Case) -> tuple[int, int, int]:
-    return (16, SIZE // 8, SIZE // 8)
-
-
 # --- 1. prompt embeddings -----------------------------------------------------------------
 
 
@@ -216,7 +213,7 @@ def test_reference_latents_and_img_shapes_are_the_pipelines(case):
     if case.name != "edit-v1":  # two references of different aspect ratios, at ~1 MP each
         assert case.reference_latents[0].shape != case.reference_latents[1].shape
     references = torch.cat([pack(latent[None]) for latent in case.reference_latents], dim=1)
-    shapes = img_shapes(torch.empty(target_latent_shape(case)), case.reference_latents)
+    shapes = img_shapes(torch.empty(TARGET_LATENT_SHAPE), case.reference_latents)
     for call in case.pipeline_calls:
         hidden = call["hidden_states"]
         assert hidden.shape[1] == case.target_tokens + references.shape[1]
@@ -286,6 +283,12 @@ def test_validation_sampler_ends_at_the_pipelines_latents(case):
     steps, true CFG with the negative prompt encoded with the references, same transformer
     calls, same final latents."""
     cond = encode_conditioning(case.pipe, case.config, PROMPT, case.references)
+    # the same encodings as the training caches (already proven equal to the pipeline's)
+    torch.testing.assert_close(cond.prompt_embeds, case.prompt_embeds[None], **EXACT)
+    torch.testing.assert_close(cond.negative_prompt_embeds, case.negative_embeds[None], **EXACT)
+    for ours, cached in zip(cond.references, case.reference_latents, strict=True):
+        torch.testing.assert_close(ours, cached, **EXACT)
+
     with transformer_calls(case.pipe.transformer) as calls:
         latents = edit_latents(case.pipe, case.config, cond)
 
@@ -302,20 +305,20 @@ def test_validation_sampler_ends_at_the_pipelines_latents(case):
 # --- 5. edit-v3 ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("case", ["edit-v3"], indirect=True)
 def test_edit_v3_conditions_references_at_timestep_zero_and_still_matches(case):
     """edit-v3's transformer has `zero_cond_t` (reference tokens get timestep 0); the transformer
     derives which tokens are references from `img_shapes[0][0]`, which tests 2-4 show training
     and validation pass exactly as the pipeline. Here: the flag is set where both paths load the
     model, and it changes the prediction, so the parity above is not vacuous."""
-    if case.name != "edit-v3":
-        pytest.skip("zero_cond_t is edit-v3's")
     assert case.config.flavour.zero_cond_t
     assert case.pipe.transformer.config.zero_cond_t is True
     assert load_transformer(case.config, torch.float32).config.zero_cond_t is True
 
     call = case.pipeline_calls[-1]  # a step with σ < 1, where timestep 0 for references differs
     inputs = {k: v for k, v in call.items() if k != "output"}
-    without = QwenImageTransformer2DModel.from_pretrained(case.config.model_path, subfolder="transformer", zero_cond_t=False)
+    path = case.config.model_path
+    without = QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer", zero_cond_t=False)
     with torch.no_grad():
         torch.testing.assert_close(case.pipe.transformer(**inputs)[0], call["output"], **EXACT)
         assert not torch.allclose(without(**inputs)[0], call["output"], atol=1e-4)

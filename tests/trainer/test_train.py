@@ -1,0 +1,73 @@
+"""The training recipe, run for real (accelerate launch of trainer.train) on the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import write_small_project
+from trainer.caches import build_text_cache, build_vae_cache
+from trainer.checkpoints import checkpoint_dirs
+from trainer.lora import LORA_WEIGHTS_NAME
+from trainer.workflow import check_data, load_project, training_command, training_env
+
+pytestmark = pytest.mark.slow
+
+
+def _prepared_project(root, demo_root, **config):
+    config_path, data_path = write_small_project(root, demo_root / "demo" / "models", **config)
+    project = load_project(config_path, data_path, root)
+    manifest, _ = check_data(project)
+    build_text_cache(manifest, project.dataset_config, project.config)
+    build_vae_cache(manifest, project.dataset_config, project.config)
+    return project
+
+
+def _launch(project, **overrides) -> subprocess.Popen:
+    return subprocess.Popen(
+        training_command(project, overrides), env=training_env(project), cwd=project.root,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(demo_root, tmp_path):
+    """Killed mid-run, then relaunched with resume_from_checkpoint=latest: same LoRA as an uninterrupted run."""
+    steps = 60
+    settings = dict(max_train_steps=steps, checkpointing_steps=5, gradient_accumulation_steps=2, lr_scheduler="cosine")
+    reference = _prepared_project(tmp_path / "uninterrupted", demo_root, **settings)
+    assert _launch(reference).wait() == 0
+
+    project = _prepared_project(tmp_path / "interrupted", demo_root, resume_from_checkpoint="latest", **settings)
+    process = _launch(project)
+    checkpoints = project.output_dir / "checkpoints"
+    deadline = time.time() + 300
+    while not checkpoint_dirs(checkpoints) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "training ended before it could be interrupted"
+    interrupted_at = int(checkpoint_dirs(checkpoints)[-1].name.split("-")[1])
+    assert 0 < interrupted_at < steps
+    assert not (project.lora_dir / LORA_WEIGHTS_NAME).exists()
+
+    resumed = _launch(project)
+    output, _ = resumed.communicate()
+    assert resumed.returncode == 0, output
+    summary = json.loads((project.output_dir / "training_summary.json").read_text())
+    assert summary["steps"] == steps
+    expected = load_file(reference.lora_dir / LORA_WEIGHTS_NAME)
+    actual = load_file(project.lora_dir / LORA_WEIGHTS_NAME)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert (expected[key] - actual[key]).abs().max() < 1e-6, key
+
+
+def test_checkpoints_rotate_to_the_limit(demo_root, tmp_path):
+    project = _prepared_project(tmp_path, demo_root, max_train_steps=8, checkpointing_steps=2, checkpoints_total_limit=2)
+    process = _launch(project)
+    output, _ = process.communicate()
+    assert process.returncode == 0, output
+    assert [p.name for p in checkpoint_dirs(project.output_dir / "checkpoints")] == ["checkpoint-6", "checkpoint-8"]
