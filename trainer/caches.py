@@ -9,7 +9,7 @@ to a temp name and renamed, so a reader never sees half a file.
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -75,8 +75,18 @@ def _fingerprint(kind: str, config: TrainConfig, row, **extra) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def _random_reference(dataset_config: DatasetConfig, config: TrainConfig, row) -> bool:
+    """`random` sampling trains on one reference per step: each needs its own prompt embedding."""
+    tset = dataset_config.training_set(dataset_config.by_id(row["dataset_id"]), config.flavour)
+    return tset.sampling == "random" and int(row["n_references"]) > 1
+
+
 def text_fingerprint(config: TrainConfig, dataset_config: DatasetConfig, row) -> str:
-    extra = {"caption": row["caption"]}
+    extra = {
+        "caption": row["caption"],
+        "dropout": config.caption_dropout_probability > 0,
+        "per_reference": _random_reference(dataset_config, config, row),
+    }
     if config.model_kwargs.match_target_res:
         extra["target_size"] = target_size(dataset_config, row)
     return _fingerprint("text", config, row, **extra)
@@ -138,9 +148,18 @@ def build_text_cache(
         nonlocal pipe
         pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, vae=False)
         size = target_size(dataset_config, row) if config.model_kwargs.match_target_res else None
-        refs = prepare_references(pipe, config.flavour, [load_rgb(p) for p in reference_paths(row)], size)
-        embeds, mask = encode_prompt(pipe, config.flavour, row["caption"], refs)
-        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+        images = [load_rgb(p) for p in reference_paths(row)]
+        refs = prepare_references(pipe, config.flavour, images, size)
+        tensors = {}
+        tensors["prompt_embeds"], tensors["prompt_embeds_mask"] = encode_prompt(pipe, config.flavour, row["caption"], refs)
+        if config.caption_dropout_probability > 0:  # the instruction dropped, the references kept
+            tensors["dropout_prompt_embeds"], tensors["dropout_prompt_embeds_mask"] = encode_prompt(pipe, config.flavour, "", refs)
+        if _random_reference(dataset_config, config, row):
+            for index, image in enumerate(images):
+                single = prepare_references(pipe, config.flavour, [image], size)
+                embeds, mask = encode_prompt(pipe, config.flavour, row["caption"], single)
+                tensors[f"prompt_embeds_ref{index}"], tensors[f"prompt_embeds_mask_ref{index}"] = embeds, mask
+        return tensors
 
     return _run_cache_pass(
         manifest,
@@ -187,13 +206,27 @@ class CachedSample:
     prompt_embeds_mask: torch.Tensor  # [T]
     target: torch.Tensor  # [16, h, w]
     references: list[torch.Tensor]  # each [16, h_i, w_i]
+    dropout_embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # empty instruction, same references
+    per_reference_embeds: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # `random` sampling
+
+    def with_caption_dropped(self) -> "CachedSample":
+        embeds, mask = self.dropout_embeds
+        return replace(self, prompt_embeds=embeds, prompt_embeds_mask=mask)
+
+    def with_one_reference(self, index: int) -> "CachedSample":
+        embeds, mask = self.per_reference_embeds[index]
+        return replace(self, prompt_embeds=embeds, prompt_embeds_mask=mask, references=[self.references[index]])
 
 
 def load_sample(paths: SamplePaths, name: str) -> CachedSample:
     text = load_file(str(paths.text))
     vae = load_file(str(paths.vae))
     refs = [vae[f"reference_{i}"] for i in range(len(vae) - 1)]
-    return CachedSample(name, text["prompt_embeds"], text["prompt_embeds_mask"], vae["target"], refs)
+    dropout = (text["dropout_prompt_embeds"], text["dropout_prompt_embeds_mask"]) if "dropout_prompt_embeds" in text else None
+    per_reference = None
+    if "prompt_embeds_ref0" in text:
+        per_reference = [(text[f"prompt_embeds_ref{i}"], text[f"prompt_embeds_mask_ref{i}"]) for i in range(len(refs))]
+    return CachedSample(name, text["prompt_embeds"], text["prompt_embeds_mask"], vae["target"], refs, dropout, per_reference)
 
 
 def iter_samples(manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig) -> Iterator[CachedSample]:

@@ -24,6 +24,7 @@ class TrainingState:
     lr_scheduler: dict
     loss_history: list[float]
     ema: dict[str, torch.Tensor] | None = None
+    ema_step: int = 0
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -47,6 +48,7 @@ def save_checkpoint(root: Path, state: TrainingState, total_limit: int | None) -
             "optimizer": state.optimizer,
             "lr_scheduler": state.lr_scheduler,
             "loss_history": state.loss_history,
+            "ema_step": state.ema_step,
         },
         tmp / "training_state.pt",
     )
@@ -69,6 +71,7 @@ def load_checkpoint(path: Path) -> TrainingState:
         lr_scheduler=meta["lr_scheduler"],
         loss_history=meta["loss_history"],
         ema=load_file(str(ema_file)) if ema_file.exists() else None,
+        ema_step=meta.get("ema_step", 0),
     )
 
 

@@ -40,9 +40,7 @@ _FIXED_CHOICES = {
 
 # Keys accepted for SimpleTuner compatibility whose feature is not built yet: refused unless off.
 _NOT_YET_IMPLEMENTED = {
-    "use_ema": False,
     "validation_step_interval": None,
-    "caption_dropout_probability": 0.0,
 }
 
 

@@ -166,11 +166,6 @@ def _check_references(config: DatasetConfig, flavour: Flavour) -> None:
                 f"conditioning dataset(s), got {len(refs)}"
                 + ("; use model_flavour 'edit-v2' for several references" if flavour.name == "edit-v1" else "")
             )
-        if entry.conditioning_multidataset_sampling == "random" and len(refs) > 1:
-            problems.append(
-                f"entry {entry.id!r}: conditioning_multidataset_sampling 'random' is not implemented yet; "
-                "use 'combined' (all references every step, as the edit-v2 pipeline conditions)"
-            )
         for ref in refs:
             if ref not in by_id:
                 problems.append(f"entry {entry.id!r}: conditioning_data {ref!r} does not exist; {suggest(ref, by_id)}")

@@ -11,6 +11,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 # The MMDiT's attention projections of both streams, as diffusers' Qwen-Image LoRA script targets.
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"
 
 
 def add_lora(transformer, rank: int, alpha: float, seed: int) -> list[torch.nn.Parameter]:
@@ -54,4 +55,24 @@ def save_lora(pipeline_cls, transformer, out_dir: Path) -> Path:
             transformer_lora_adapter_metadata=adapter_metadata(transformer),
         )
         os.replace(Path(tmp) / LORA_WEIGHTS_NAME, out_dir / LORA_WEIGHTS_NAME)
+    export_comfyui(out_dir / LORA_WEIGHTS_NAME, out_dir / COMFYUI_WEIGHTS_NAME, adapter_metadata(transformer)["lora_alpha"])
     return out_dir / LORA_WEIGHTS_NAME
+
+
+def export_comfyui(diffusers_file: Path, out_file: Path, alpha: float) -> Path:
+    """The same LoRA in ComfyUI's key format: `diffusion_model.<module>.lora_A/B.weight` + `.alpha`.
+
+    diffusers' `load_lora_weights` reads this format too (it converts `diffusion_model.` keys).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from trainer.io import atomic_write_with
+
+    tensors = {}
+    for key, value in load_file(str(diffusers_file)).items():
+        module_key = "diffusion_model." + key.removeprefix("transformer.")
+        tensors[module_key] = value
+        if key.endswith(".lora_A.weight"):
+            tensors[module_key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(alpha))
+    atomic_write_with(out_file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    return out_file

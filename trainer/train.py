@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 
 from trainer import checkpoints as ckpt
 from trainer.caches import CachedSample, SamplePaths, load_sample, sample_paths
@@ -65,6 +66,20 @@ def micro_step_sample(micro_step: int, n_samples: int, seed: int, world: int, ra
     epoch, position = divmod(global_index, n_samples)
     order = np.random.default_rng([seed, epoch]).permutation(n_samples)
     return int(order[position])
+
+
+def conditioning_for_step(sample: CachedSample, dropout_probability: float, generator: torch.Generator) -> CachedSample:
+    """Caption dropout (instruction dropped, references kept) or, with `random` sampling, one reference.
+
+    Each choice keeps prompt embeddings and references consistent: dropout embeddings were
+    encoded with all references, so a dropped caption keeps them all.
+    """
+    drop = dropout_probability > 0 and float(torch.rand((), generator=generator)) < dropout_probability
+    if drop and sample.dropout_embeds is not None:
+        return sample.with_caption_dropped()
+    if sample.per_reference_embeds is not None:
+        return sample.with_one_reference(int(torch.randint(len(sample.references), (), generator=generator)))
+    return sample
 
 
 def micro_step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -136,6 +151,8 @@ class LoraTrainingRecipe:
         )
         self.transformer, self.optimizer = self.accelerator.prepare(transformer, optimizer)
         self.params = params
+        self.ema_device = torch.device("cpu") if config.ema_device == "cpu" else self.accelerator.device
+        self.ema = EMAModel([p.detach().to(self.ema_device).clone() for p in params], decay=config.ema_decay) if config.use_ema else None
         self.start_step, self.loss_history = 0, []
         resume = ckpt.resolve_resume(self.checkpoint_root, config.resume_from_checkpoint)
         if resume is not None:
@@ -144,6 +161,9 @@ class LoraTrainingRecipe:
             self.optimizer.load_state_dict(state.optimizer)
             self.lr_scheduler.load_state_dict(state.lr_scheduler)
             self.start_step, self.loss_history = state.step, list(state.loss_history)
+            if self.ema is not None and state.ema is not None:
+                self.ema.shadow_params = [state.ema[f"ema.{i}"].to(self.ema_device) for i in range(len(params))]
+                self.ema.optimization_step = state.ema_step
         self.resumed_from = resume
 
     def _check_caches(self) -> None:
@@ -170,8 +190,9 @@ class LoraTrainingRecipe:
             losses = []
             for micro in range(step * accumulation, (step + 1) * accumulation):
                 index = micro_step_sample(micro, len(self.samples), config.seed, world, rank)
-                sample = load_sample(self.samples[index][1], self.samples[index][0])
                 generator = micro_step_generator(config.seed, micro, rank)
+                sample = load_sample(self.samples[index][1], self.samples[index][0])
+                sample = conditioning_for_step(sample, config.caption_dropout_probability, generator)
                 sigma = sample_sigma(config.flow_schedule_shift, generator).to(accelerator.device)
                 noise = torch.randn((1, *sample.target.shape), generator=generator).to(accelerator.device)
                 with accelerator.accumulate(self.transformer):
@@ -182,6 +203,9 @@ class LoraTrainingRecipe:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
+            if self.ema is not None:
+                # EMAModel averages only tensors that require grad (it copies the rest): mark the copies
+                self.ema.step([p.detach().to(self.ema_device).requires_grad_(True) for p in self.params])
             self.lr_scheduler.step()
             step_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
             self.loss_history.append(step_loss)
@@ -199,14 +223,23 @@ class LoraTrainingRecipe:
                 optimizer=self.optimizer.state_dict(),
                 lr_scheduler=self.lr_scheduler.state_dict(),
                 loss_history=self.loss_history,
+                ema={f"ema.{i}": p.detach().cpu() for i, p in enumerate(self.ema.shadow_params)} if self.ema else None,
+                ema_step=self.ema.optimization_step if self.ema else 0,
             )
             ckpt.save_checkpoint(self.checkpoint_root, state, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
 
     def save_lora(self) -> Path:
+        """The trained LoRA in lora/; with use_ema, the EMA weights beside it in lora/ema/."""
         path = self.output_dir / "lora"
         if self.accelerator.is_main_process:
-            save_lora(self.config.flavour.pipeline_cls(), self.accelerator.unwrap_model(self.transformer), path)
+            transformer = self.accelerator.unwrap_model(self.transformer)
+            save_lora(self.config.flavour.pipeline_cls(), transformer, path)
+            if self.ema is not None:
+                self.ema.store(self.params)
+                self.ema.copy_to(self.params)
+                save_lora(self.config.flavour.pipeline_cls(), transformer, path / "ema")
+                self.ema.restore(self.params)
         self.accelerator.wait_for_everyone()
         return path / "pytorch_lora_weights.safetensors"
 

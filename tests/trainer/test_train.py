@@ -71,3 +71,37 @@ def test_checkpoints_rotate_to_the_limit(demo_root, tmp_path):
     output, _ = process.communicate()
     assert process.returncode == 0, output
     assert [p.name for p in checkpoint_dirs(project.output_dir / "checkpoints")] == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_ema_caption_dropout_and_random_reference_sampling(demo_root, tmp_path):
+    """One run with every optional conditioning feature: each leaves its trace in caches and outputs."""
+    import json as _json
+
+    from trainer.caches import load_sample, sample_paths
+
+    config_path, data_path = write_small_project(
+        tmp_path, demo_root / "demo" / "models", max_train_steps=6, use_ema=True, ema_decay=0.9,
+        caption_dropout_probability=0.5,
+    )
+    entries = _json.loads(data_path.read_text())
+    entries[0]["conditioning_multidataset_sampling"] = "random"
+    data_path.write_text(_json.dumps(entries))
+    project = load_project(config_path, data_path, tmp_path)
+    manifest, _ = check_data(project)
+    build_text_cache(manifest, project.dataset_config, project.config)
+    build_vae_cache(manifest, project.dataset_config, project.config)
+
+    train_row = manifest[manifest["split"] == "train"].iloc[0]
+    sample = load_sample(sample_paths(project.dataset_config, project.config, train_row), train_row["name"])
+    assert sample.dropout_embeds is not None
+    assert len(sample.per_reference_embeds) == 3
+    # one reference in the prompt is a shorter sequence than three
+    assert sample.per_reference_embeds[0][0].shape[0] < sample.prompt_embeds.shape[0]
+
+    process = _launch(project)
+    output, _ = process.communicate()
+    assert process.returncode == 0, output
+    trained = load_file(project.lora_dir / LORA_WEIGHTS_NAME)
+    averaged = load_file(project.lora_dir / "ema" / LORA_WEIGHTS_NAME)
+    assert trained.keys() == averaged.keys()
+    assert any(not (trained[k] - averaged[k]).abs().max() < 1e-7 for k in trained)
