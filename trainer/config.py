@@ -38,12 +38,6 @@ _FIXED_CHOICES = {
 }
 
 
-# Keys accepted for SimpleTuner compatibility whose feature is not built yet: refused unless off.
-_NOT_YET_IMPLEMENTED = {
-    "validation_step_interval": None,
-}
-
-
 class ModelKwargs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # edit-v2/v3: VAE references take the target's size instead of ~1 megapixel.
@@ -137,14 +131,6 @@ class TrainConfig(BaseModel):
                 "model_kwargs.match_target_res applies to edit-v2 and edit-v3 only; edit-v1 feeds its "
                 "single reference at ~1 megapixel like QwenImageEditPipeline. Remove the key or use "
                 "model_flavour 'edit-v2'."
-            )
-        not_yet = [
-            f"{key}={getattr(self, key)!r}" for key, off in _NOT_YET_IMPLEMENTED.items() if getattr(self, key) != off
-        ]
-        if not_yet:
-            raise ValueError(
-                f"{', '.join(not_yet)}: not implemented yet in this version of qwen-edit; "
-                f"remove the key(s) or set them to {', '.join(f'{k}={v!r}' for k, v in _NOT_YET_IMPLEMENTED.items())}"
             )
         return self
 

@@ -120,6 +120,7 @@ class LoraTrainingRecipe:
         self.project_root = project_root
         self.tags = tags
         manifest = read_manifest(manifest_path)
+        self.manifest = manifest
         self.samples: list[tuple[str, SamplePaths]] = [
             (row["name"], sample_paths(dataset_config, config, row)) for _, row in manifest.iterrows() if row["split"] == "train"
         ]
@@ -165,6 +166,7 @@ class LoraTrainingRecipe:
                 self.ema.shadow_params = [state.ema[f"ema.{i}"].to(self.ema_device) for i in range(len(params))]
                 self.ema.optimization_step = state.ema_step
         self.resumed_from = resume
+        self.validation_reports = []
 
     def _check_caches(self) -> None:
         if not self.samples:
@@ -211,9 +213,25 @@ class LoraTrainingRecipe:
             self.loss_history.append(step_loss)
             if on_step is not None:
                 on_step(step + 1, step_loss, self.lr_scheduler.get_last_lr()[0])
+            if config.validation_step_interval and (step + 1) % config.validation_step_interval == 0:
+                self.validate(step + 1, reporter)
             if (step + 1) % config.checkpointing_steps == 0 and step + 1 < self.max_steps:
                 self.save_checkpoint(step + 1)
                 reporter.log(f"step {step + 1}: checkpoint saved")
+
+    def validate(self, step: int, reporter: Reporter) -> None:
+        """Rank 0 edits the validation pairs with the current LoRA; the report goes to validation/step-N."""
+        if self.accelerator.is_main_process:
+            from trainer.validation import run_live_validation
+
+            out = self.output_dir / "validation" / f"step-{step}"
+            report = run_live_validation(
+                self.accelerator.unwrap_model(self.transformer), self.config, self.manifest, out,
+                self.accelerator.device, self.weight_dtype,
+            )
+            self.validation_reports.append((step, report))
+            reporter.log(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in report.summary.items()))
+        self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self, step: int) -> None:
         if self.accelerator.is_main_process:
@@ -291,6 +309,10 @@ class MlflowRun:
     def log_step(self, step: int, loss: float, lr: float) -> None:
         self.mlflow.log_metrics({"train_loss": loss, "learning_rate": lr}, step=step)
 
+    def log_validation(self, step: int, report) -> None:
+        self.mlflow.log_metrics({f"validation_{k}": v for k, v in report.summary.items()}, step=step)
+        self.mlflow.log_artifacts(str(report.html_path.parent), artifact_path=f"validation/step-{step}")
+
     def finish(self, result: TrainResult, curve: Path) -> None:
         self.mlflow.log_metrics({"final_loss": result.final_loss, "train_seconds": result.seconds})
         self.mlflow.log_artifact(str(result.lora_path), artifact_path="lora")
@@ -336,6 +358,8 @@ def run_training(
         curve = plot_loss(history, recipe.output_dir / "loss_curve.png")
         if tracker:
             result.mlflow_run_id, result.mlflow_run_url = tracker.run_id, tracker.url
+            for step, report in recipe.validation_reports:
+                tracker.log_validation(step, report)
             tracker.finish(result, curve)
         from trainer.io import atomic_write_json
 

@@ -119,13 +119,46 @@ def run_validation(
     out_dir: Path,
     device: torch.device | None = None,
 ) -> ValidationReport:
+    """After training: a fresh pipeline, edits without and then with the exported LoRA file."""
     device = device or default_device()
+    pipe = load_pipeline(config, device, compute_dtype(config, device))
+
+    def use(stage: str) -> None:
+        if stage == "lora":
+            pipe.load_lora_weights(str(lora_dir))
+
+    return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use)
+
+
+def run_live_validation(
+    transformer, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, device: torch.device, dtype: torch.dtype
+) -> ValidationReport:
+    """During training: the training transformer itself, its LoRA switched off for the base row."""
+    pipe = load_pipeline(config, device, dtype, transformer=False)
+    pipe.register_modules(transformer=transformer)
+    was_training = transformer.training
+    transformer.eval()
+
+    def use(stage: str) -> None:
+        transformer.disable_adapters() if stage == "base" else transformer.enable_adapters()
+
+    try:
+        return validate(pipe, config, manifest, out_dir, ("base", "lora"), use)
+    finally:
+        transformer.enable_adapters()
+        transformer.train(was_training)
+        pipe.register_modules(transformer=None)
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def validate(pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, stages: tuple[str, ...], use) -> ValidationReport:
+    """Edit every validation pair once per stage (`use(stage)` readies the pipe), score, write the report."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(config, device, compute_dtype(config, device))
     rows_df, split = validation_rows(manifest)
     width, height = config.validation_size
-    stages = ("base", "lora") if lora_dir else ("base",)
     rows = [ValidationRow(r["name"], r["caption"], reference_paths(r), r["target_path"]) for _, r in rows_df.iterrows()]
     conditioning = {
         row.name: encode_conditioning(pipe, config, row.caption, [load_rgb(p) for p in row.references])
@@ -133,8 +166,7 @@ def run_validation(
     }
     outputs = {}
     for stage in stages:
-        if stage == "lora":
-            pipe.load_lora_weights(str(lora_dir))
+        use(stage)
         for row in tqdm(rows, desc=f"validation: {stage} edits", unit="pair"):
             outputs[(stage, row.name)] = edit_latents(pipe, config, conditioning[row.name])
     for row in rows:

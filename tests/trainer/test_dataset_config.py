@@ -65,13 +65,13 @@ def test_an_edit_v2_dataset_takes_up_to_three_references_in_order():
     assert tset.sampling == "combined"  # all references every step unless told otherwise
 
 
-def test_random_reference_sampling_is_refused_until_it_is_built():
+def test_conditioning_multidataset_sampling_chooses_how_references_are_used():
     refs = ["reference", "swatch"]
-    entries = [edits(conditioning_data=refs, conditioning_multidataset_sampling="random"), *(reference(r) for r in refs)]
-    message = problems(entries, V2)
-    assert "conditioning_multidataset_sampling 'random' is not implemented yet; use 'combined'" in message
-    entries[0]["conditioning_multidataset_sampling"] = "combined"
-    assert parse(entries, V2).training_set(parse(entries, V2).by_id("edits"), V2).sampling == "combined"
+    for sampling in ("combined", "random"):
+        config = parse([edits(conditioning_data=refs, conditioning_multidataset_sampling=sampling), *(reference(r) for r in refs)], V2)
+        assert config.training_set(config.by_id("edits"), V2).sampling == sampling
+    message = problems([edits(conditioning_data=refs, conditioning_multidataset_sampling="combine"), *(reference(r) for r in refs)], V2)
+    assert "conditioning_multidataset_sampling='combine' is not valid: did you mean 'combined'?" in message
 
 
 def test_text_embeds_entries_are_accepted_and_hold_the_edit_v2_prompt_cache():

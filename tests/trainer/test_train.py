@@ -105,3 +105,19 @@ def test_ema_caption_dropout_and_random_reference_sampling(demo_root, tmp_path):
     averaged = load_file(project.lora_dir / "ema" / LORA_WEIGHTS_NAME)
     assert trained.keys() == averaged.keys()
     assert any(not (trained[k] - averaged[k]).abs().max() < 1e-7 for k in trained)
+
+
+def test_validation_during_training_writes_a_report_per_interval(demo_root, tmp_path, isolated_mlflow):
+    from mlflow.tracking import MlflowClient
+
+    project = _prepared_project(tmp_path, demo_root, max_train_steps=4, validation_step_interval=2, report_to="mlflow")
+    process = _launch(project)
+    output, _ = process.communicate()
+    assert process.returncode == 0, output
+    for step in (2, 4):
+        report = json.loads((project.output_dir / "validation" / f"step-{step}" / "report.json").read_text())
+        assert [r["name"] for r in report["rows"]] == ["0000"]
+        assert {"base_latent_mse", "lora_latent_mse"} <= report["summary"].keys()
+    run_id = json.loads((project.output_dir / "training_summary.json").read_text())["mlflow_run_id"]
+    history = MlflowClient(isolated_mlflow).get_metric_history(run_id, "validation_lora_latent_mse")
+    assert [m.step for m in history] == [2, 4]
