@@ -42,6 +42,16 @@ RESOLUTION = 64  # ... and train in a 64 x 64 bucket: latents 8 x 8
 NAMES = ["0000", "0001", "0002", "0003"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's convolutions take ~20 ms on one thread, but several times longer on two
+    when other processes compete for this machine's two cores. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

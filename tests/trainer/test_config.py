@@ -6,7 +6,6 @@ the value or key the user probably meant.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
