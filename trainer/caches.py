@@ -87,9 +87,7 @@ def text_fingerprint(config: TrainConfig, dataset_config: DatasetConfig, row) ->
         "dropout": config.caption_dropout_probability > 0,
         "per_reference": _random_reference(dataset_config, config, row),
     }
-    if config.model_kwargs.match_target_res:
-        extra["target_size"] = target_size(dataset_config, row)
-    return _fingerprint("text", config, row, **extra)
+    return _fingerprint("text", config, row, **extra)  # the VL encoder sees references at fixed sizes
 
 
 def vae_fingerprint(config: TrainConfig, dataset_config: DatasetConfig, row) -> str:

@@ -83,6 +83,8 @@ def resolve_resume(root: Path, resume_from: str | None) -> Path | None:
         found = checkpoint_dirs(root)
         return found[-1] if found else None
     path = Path(resume_from)
+    if not (path / "training_state.pt").is_file() and (root / resume_from / "training_state.pt").is_file():
+        path = root / resume_from  # a bare name such as 'checkpoint-500'
     if not (path / "training_state.pt").is_file():
         from trainer.errors import ConfigError
 

@@ -5,6 +5,7 @@ Users bring SimpleTuner-style JSON: `//` comments are allowed and keys may carry
 closest valid option.
 """
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -111,10 +112,12 @@ class TrainConfig(BaseModel):
     @field_validator("validation_resolution", mode="before")
     @classmethod
     def _parse_resolution(cls, value: Any) -> str:
-        if isinstance(value, int):
-            return f"{value}x{value}"
-        if isinstance(value, str) and re.fullmatch(r"\d+(x\d+)?", value.strip()):
-            return value.strip() if "x" in value else f"{value.strip()}x{value.strip()}"
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str) and (match := re.fullmatch(r"(\d+)(?:x(\d+))?", value.strip())):
+            width, height = int(match[1]), int(match[2] or match[1])
+            if width > 0 and height > 0:
+                return f"{width}x{height}"
         raise ValueError(f"expected 'WIDTHxHEIGHT' such as '1024x1024' or '768x768', got {value!r}")
 
     @model_validator(mode="after")
@@ -158,7 +161,7 @@ class TrainConfig(BaseModel):
         if self.max_train_steps:
             return self.max_train_steps
         epochs = self.num_train_epochs or 1
-        return max(1, (epochs * samples_per_epoch) // self.gradient_accumulation_steps)
+        return max(1, math.ceil(epochs * samples_per_epoch / self.gradient_accumulation_steps))
 
 
 def read_json_with_comments(path: Path) -> Any:
@@ -191,8 +194,18 @@ def parse_train_config(raw: dict[str, Any], source: str = "config") -> TrainConf
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     raw = read_json_with_comments(Path(path))
     if isinstance(raw, dict) and overrides:
-        raw = {**_strip_cli_prefix(raw), **overrides}
+        raw = _strip_cli_prefix(raw)
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
     return parse_train_config(raw, source=str(path))
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """`model_kwargs.match_target_res=true` sets a nested key."""
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        raw = raw.setdefault(parent, {})
+    raw[leaf] = value
 
 
 def format_validation_error(
@@ -208,7 +221,9 @@ def format_validation_error(
         key = str(error["loc"][0]) if error["loc"] else ""
         value = error.get("input")
         if error["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key {location!r}: {suggest(key, model.model_fields, list_all=False)}")
+            nested = _nested_model(model, error["loc"])
+            name = str(error["loc"][-1])
+            lines.append(f"  - unknown key {location!r}: {suggest(name, nested.model_fields, list_all=False)}")
         elif key in choices and error["type"] in ("literal_error", "enum"):
             lines.append(f"  - {location}={value!r} is not valid: {suggest(str(value), choices[key])}")
         else:
@@ -216,6 +231,15 @@ def format_validation_error(
             shown = f"={value!r}" if key in raw and not isinstance(value, dict) else ""
             lines.append(f"  - {location}{shown}: {message}")
     return "\n".join(lines)
+
+
+def _nested_model(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The model that owns the last part of an error location (e.g. ModelKwargs for model_kwargs.x)."""
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return model
 
 
 def parse_override(text: str) -> tuple[str, Any]:

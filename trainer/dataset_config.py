@@ -104,9 +104,12 @@ class DatasetConfig:
             references=refs,
             reference_dirs=tuple(self.resolve(r.instance_data_dir) for r in refs),
             text_cache_dir=self._text_cache_dir(entry, flavour),
-            vae_cache_dir=self.resolve(entry.cache_dir_vae or f"cache/vae/{entry.id}"),
+            vae_cache_dir=self.vae_cache_dir(entry),
             sampling=sampling,
         )
+
+    def vae_cache_dir(self, entry: DatasetEntry) -> Path:
+        return self.resolve(entry.cache_dir_vae or f"cache/vae/{entry.id}")
 
     def _text_cache_dir(self, entry: DatasetEntry, flavour: Flavour) -> Path:
         if entry.conditioning_image_embeds:
@@ -140,6 +143,28 @@ def load_dataset_config(path: str | Path, flavour: Flavour, base_dir: Path | Non
     return parse_dataset_config(read_json_with_comments(Path(path)), str(path), flavour, base_dir)
 
 
+def _count(low: int, high: int) -> str:
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _shared_cache_folders(config: DatasetConfig, flavour: Flavour) -> list[str]:
+    """Two image datasets writing one cache folder would overwrite each other's same-named samples."""
+    owners: dict[Path, list[str]] = {}
+    for entry in config.image_entries:
+        try:
+            folders = {config._text_cache_dir(entry, flavour), config.vae_cache_dir(entry)}
+        except ConfigError:
+            continue  # a dangling link, reported on its own
+        for folder in folders:
+            owners.setdefault(folder, []).append(entry.id)
+    return [
+        f"datasets {', '.join(repr(i) for i in ids)} share the cache folder {folder}; give each its own "
+        "cache_dir_vae / cache_dir (e.g. cache/vae/<dataset id>)"
+        for folder, ids in owners.items()
+        if len(ids) > 1
+    ]
+
+
 def _check_references(config: DatasetConfig, flavour: Flavour) -> None:
     """Cross-entry rules: unique ids, links that exist and have the right type, reference counts."""
     problems: list[str] = []
@@ -149,7 +174,7 @@ def _check_references(config: DatasetConfig, flavour: Flavour) -> None:
     by_id = {e.id: e for e in config.entries}
     for entry in config.entries:
         if entry.dataset_type in ("image", "conditioning") and not entry.instance_data_dir:
-            problems.append(f"entry {entry.id!r}: instance_data_dir is required for a {entry.dataset_type} dataset")
+            problems.append(f"entry {entry.id!r}: instance_data_dir is required for the {entry.dataset_type} dataset")
         if entry.caption_strategy == "instanceprompt" and entry.dataset_type == "image" and not entry.instance_prompt:
             problems.append(f"entry {entry.id!r}: caption_strategy 'instanceprompt' needs an instance_prompt")
         if entry.dataset_type != "image" or entry.disabled:
@@ -162,7 +187,7 @@ def _check_references(config: DatasetConfig, flavour: Flavour) -> None:
             )
         if len(refs) > flavour.max_references or len(refs) < flavour.min_references:
             problems.append(
-                f"entry {entry.id!r}: {flavour.name} takes {flavour.min_references}-{flavour.max_references} "
+                f"entry {entry.id!r}: {flavour.name} takes {_count(flavour.min_references, flavour.max_references)} "
                 f"conditioning dataset(s), got {len(refs)}"
                 + ("; use model_flavour 'edit-v2' for several references" if flavour.name == "edit-v1" else "")
             )
@@ -183,6 +208,7 @@ def _check_references(config: DatasetConfig, flavour: Flavour) -> None:
                 )
             elif by_id[embeds].dataset_type != "conditioning_image_embeds":
                 problems.append(f"entry {entry.id!r}: conditioning_image_embeds {embeds!r} has dataset_type {by_id[embeds].dataset_type!r}, expected 'conditioning_image_embeds'")
+    problems += _shared_cache_folders(config, flavour)
     if not config.image_entries:
         problems.append("no enabled dataset with dataset_type 'image' (the edit targets)")
     if problems:

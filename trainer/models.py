@@ -35,7 +35,7 @@ def load_pipeline(
         for name, wanted in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae))
         if not wanted
     }
-    pipe = config.flavour.pipeline_cls().from_pretrained(config.model_path, torch_dtype=dtype, **skip)
+    pipe = config.flavour.pipeline_cls().from_pretrained(config.model_path, dtype=dtype, **skip)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -49,5 +49,5 @@ def load_transformer(config: TrainConfig, dtype: torch.dtype):
 
         kwargs["quantization_config"] = bnb_quantization_config(config)
     return QwenImageTransformer2DModel.from_pretrained(
-        config.model_path, subfolder="transformer", torch_dtype=dtype, **kwargs
+        config.model_path, subfolder="transformer", dtype=dtype, **kwargs
     )

@@ -29,7 +29,7 @@ class PairingManifestModel(pa.DataFrameModel):
     dataset_id: Series[str]
     name: Series[str]
     target_path: Series[str]
-    caption: Series[str] = pa.Field(nullable=True)
+    caption: Series[str] = pa.Field(nullable=False)
     n_references: Series[int] = pa.Field(ge=1, le=MAX_REFERENCES)
     reference_1: Series[str] = pa.Field(nullable=True)
     reference_2: Series[str] = pa.Field(nullable=True)
@@ -102,13 +102,13 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
     if not tset.target_dir.is_dir():
         report.errors.append(f"dataset {entry.id!r}: instance_data_dir {tset.target_dir} does not exist")
         return []
-    targets = _image_files(tset.target_dir)
+    targets = _image_files(tset.target_dir, report)
     reference_files = []
     for ref_entry, ref_dir in zip(tset.references, tset.reference_dirs):
         if not ref_dir.is_dir():
             report.errors.append(f"conditioning dataset {ref_entry.id!r}: instance_data_dir {ref_dir} does not exist")
             return []
-        reference_files.append(_image_files(ref_dir))
+        reference_files.append(_image_files(ref_dir, report))
     for ref_entry, ref_dir, files in zip(tset.references, tset.reference_dirs, reference_files):
         orphans = sorted(set(files) - set(targets))
         for stem in orphans:
@@ -133,8 +133,18 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
     return rows
 
 
-def _image_files(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)}
+def _image_files(folder: Path, report: PairingReport | None = None) -> dict[str, Path]:
+    """Image files by name; two files of one name (0001.png, 0001.jpg) are an error, not a pick."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not (path.is_file() and is_image_file(path)):
+            continue
+        if path.stem in files and report is not None:
+            report.errors.append(
+                f"{files[path.stem]} and {path}: two images named {path.stem!r}; keep one (pairs are matched by name)"
+            )
+        files.setdefault(path.stem, path)
+    return files
 
 
 def read_caption(entry: DatasetEntry, target_path: Path) -> str | None:

@@ -151,12 +151,6 @@ def test_resume_from_a_half_written_checkpoint_folder_is_refused(tmp_path):
         resolve_resume(tmp_path, str(crashed))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a bare checkpoint name (as SimpleTuner/diffusers accept, and as the error message "
-    "itself suggests: \"use 'latest' or one of ['checkpoint-10']\") is resolved against the working "
-    "directory instead of the checkpoints folder, so it is refused",
-)
 def test_resume_from_a_checkpoint_name_looks_in_the_checkpoints_folder(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "checkpoints", state(10), total_limit=None)
     monkeypatch.chdir(tmp_path)  # the training subprocess runs in the project root

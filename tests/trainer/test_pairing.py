@@ -115,11 +115,6 @@ def test_a_missing_or_empty_reference_a_truncated_target_and_a_blank_caption_are
     assert f"(reference for {demo.folder('train', 'edited') / '0000.png'})" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a missing caption file (caption None) passes the pandera check: caption is "
-    "nullable and pandera skips nulls (ignore_na), so the sample trains with no instruction",
-)
 def test_a_missing_caption_is_reported_together_with_every_other_problem(demo):
     expected = break_dataset(demo)
     no_caption = demo.folder("train", "edited") / "0000.txt"
@@ -131,12 +126,6 @@ def test_a_missing_caption_is_reported_together_with_every_other_problem(demo):
     assert len(error.report.errors) == len(expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: two targets with the same name and different extensions (0000.png, 0000.jpg) are "
-    "collapsed to one by _image_files; the other is silently dropped and the unique_sample check "
-    "can never fire",
-)
 def test_two_targets_with_the_same_name_are_reported(demo):
     from PIL import Image
 
