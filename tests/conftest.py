@@ -63,3 +63,16 @@ def write_small_project(root: Path, models: Path, flavour: str = "edit-v2", n_tr
     (root / "config.json").write_text(json.dumps(settings, indent=1))
     (root / "multidatabackend.json").write_text(json.dumps(entries, indent=1))
     return root / "config.json", root / "multidatabackend.json"
+
+
+def prepare_small_project(root: Path, demo_root: Path, **config):
+    """A small project with its manifest checked and its caches encoded: ready to train."""
+    from trainer.caches import build_text_cache, build_vae_cache
+    from trainer.workflow import check_data, load_project
+
+    config_path, data_path = write_small_project(root, demo_root / "demo" / "models", **config)
+    project = load_project(config_path, data_path, root)
+    manifest, _ = check_data(project)
+    build_text_cache(manifest, project.dataset_config, project.config)
+    build_vae_cache(manifest, project.dataset_config, project.config)
+    return project

@@ -8,6 +8,7 @@ to a temp name and renamed, so a reader never sees half a file.
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from trainer.conditioning import encode_image_latents, encode_prompt, preprocess_target, prepare_references
 from trainer.config import TrainConfig
 from trainer.dataset_config import DatasetConfig
-from trainer.images import bucket_size, load_rgb
+from trainer.images import bucket_size, load_rgb, probe_image
 from trainer.io import atomic_write_with
 from trainer.models import compute_dtype, default_device, load_pipeline
 from trainer.pairing import reference_paths
@@ -52,27 +53,43 @@ def sample_paths(dataset_config: DatasetConfig, config: TrainConfig, row) -> Sam
 
 
 def target_size(dataset_config: DatasetConfig, row) -> tuple[int, int]:
-    """The (width, height) bucket of a sample's target image."""
+    """The (width, height) bucket of a sample's target image (from its header, EXIF-aware)."""
     entry = dataset_config.by_id(row["dataset_id"])
-    with load_rgb(row["target_path"]) as image:
-        return bucket_size(image.width, image.height, entry.resolution, entry.resolution_type)
+    probe = probe_image(row["target_path"])
+    return bucket_size(probe.width, probe.height, entry.resolution, entry.resolution_type)
 
 
-def _file_digest(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+@dataclass(frozen=True)
+class CacheKey:
+    """What a cache file depends on: settings, plus source files (by content)."""
+
+    settings: dict
+    sources: tuple[str, ...]
+
+    def _hash(self, files: list) -> str:
+        payload = {"format": CACHE_FORMAT, **self.settings, "files": files}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def fingerprint(self) -> str:
+        """Content-addressed: the same bytes and settings give the same key wherever the files live."""
+        return self._hash([hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in self.sources])
+
+    def quick(self) -> str:
+        """A stat-based stand-in (name, size, mtime): when it matches, no file needs hashing.
+
+        The folder is left out so a copied or moved project (mtimes kept) still hits.
+        """
+        return self._hash([(Path(p).name, (st := os.stat(p)).st_size, st.st_mtime_ns) for p in self.sources])
 
 
-def _fingerprint(kind: str, config: TrainConfig, row, **extra) -> str:
-    parts = {
-        "format": CACHE_FORMAT,
+def _settings(kind: str, config: TrainConfig, **extra) -> dict:
+    return {
         "kind": kind,
         "model": config.model_path,
         "flavour": config.model_flavour,
         "match_target_res": config.model_kwargs.match_target_res,
-        "references": [_file_digest(p) for p in reference_paths(row)],
         **extra,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _random_reference(dataset_config: DatasetConfig, config: TrainConfig, row) -> bool:
@@ -81,49 +98,75 @@ def _random_reference(dataset_config: DatasetConfig, config: TrainConfig, row) -
     return tset.sampling == "random" and int(row["n_references"]) > 1
 
 
+def text_key(config: TrainConfig, dataset_config: DatasetConfig, row) -> CacheKey:
+    # the VL encoder sees references at fixed sizes, so the target's size is not an input here
+    settings = _settings(
+        "text", config,
+        caption=row["caption"],
+        dropout=config.caption_dropout_probability > 0,
+        per_reference=_random_reference(dataset_config, config, row),
+    )
+    return CacheKey(settings, tuple(reference_paths(row)))
+
+
+def vae_key(config: TrainConfig, dataset_config: DatasetConfig, row) -> CacheKey:
+    settings = _settings("vae", config, target_size=target_size(dataset_config, row))
+    return CacheKey(settings, (row["target_path"], *reference_paths(row)))
+
+
 def text_fingerprint(config: TrainConfig, dataset_config: DatasetConfig, row) -> str:
-    extra = {
-        "caption": row["caption"],
-        "dropout": config.caption_dropout_probability > 0,
-        "per_reference": _random_reference(dataset_config, config, row),
-    }
-    return _fingerprint("text", config, row, **extra)  # the VL encoder sees references at fixed sizes
+    return text_key(config, dataset_config, row).fingerprint()
 
 
 def vae_fingerprint(config: TrainConfig, dataset_config: DatasetConfig, row) -> str:
-    return _fingerprint(
-        "vae", config, row, target=_file_digest(row["target_path"]), target_size=target_size(dataset_config, row)
-    )
+    return vae_key(config, dataset_config, row).fingerprint()
+
+
+def stored_metadata(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception:  # missing, truncated or garbage: stale
+        return {}
 
 
 def stored_fingerprint(path: Path) -> str | None:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("fingerprint")
-    except (FileNotFoundError, OSError, Exception):  # unreadable = stale
-        return None
+    return stored_metadata(path).get("fingerprint")
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
+def is_current(path: Path, key: CacheKey) -> tuple[bool, str, bool]:
+    """(up to date?, fingerprint, stat shortcut missed?): contents are hashed only when the shortcut misses."""
+    stored = stored_metadata(path)
+    if stored.get("quick") == key.quick() and "fingerprint" in stored:
+        return True, stored["fingerprint"], False
+    fingerprint = key.fingerprint()
+    return stored.get("fingerprint") == fingerprint, fingerprint, True
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], key: CacheKey, fingerprint: str) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint}))
+    metadata = {"fingerprint": fingerprint, "quick": key.quick()}
+    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _run_cache_pass(
     manifest: pd.DataFrame,
     path_of: Callable[[object], Path],
-    fingerprint_of: Callable[[object], str],
+    key_of: Callable[[object], CacheKey],
     encode: Callable[[object], dict[str, torch.Tensor]],
     description: str,
 ) -> CacheStats:
     rows = [row for _, row in manifest.iterrows()]
     stale = []
     for row in rows:
-        fingerprint = fingerprint_of(row)
-        if stored_fingerprint(path_of(row)) != fingerprint:
-            stale.append((row, fingerprint))
-    for row, fingerprint in tqdm(stale, desc=description, unit="sample", disable=not stale):
-        _save(path_of(row), encode(row), fingerprint)
+        key = key_of(row)
+        current, fingerprint, missed = is_current(path_of(row), key)
+        if not current:
+            stale.append((row, key, fingerprint))
+        elif missed:  # same contents, files touched or moved: refresh the shortcut, no encoding
+            _save(path_of(row), load_file(str(path_of(row))), key, fingerprint)
+    for row, key, fingerprint in tqdm(stale, desc=description, unit="sample", disable=not stale):
+        _save(path_of(row), encode(row), key, fingerprint)
     wanted = {path_of(row) for row in rows}
     folders = sorted({p.parent for p in wanted})
     pruned = 0
@@ -162,7 +205,7 @@ def build_text_cache(
     return _run_cache_pass(
         manifest,
         lambda row: sample_paths(dataset_config, config, row).text,
-        lambda row: text_fingerprint(config, dataset_config, row),
+        lambda row: text_key(config, dataset_config, row),
         encode,
         "text embeddings",
     )
@@ -191,7 +234,7 @@ def build_vae_cache(
     return _run_cache_pass(
         manifest,
         lambda row: sample_paths(dataset_config, config, row).vae,
-        lambda row: vae_fingerprint(config, dataset_config, row),
+        lambda row: vae_key(config, dataset_config, row),
         encode,
         "VAE latents",
     )
@@ -230,3 +273,15 @@ def load_sample(paths: SamplePaths, name: str) -> CachedSample:
 def iter_samples(manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig) -> Iterator[CachedSample]:
     for _, row in manifest.iterrows():
         yield load_sample(sample_paths(dataset_config, config, row), row["name"])
+
+
+def verify_cache(manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig, kind: str) -> list[str]:
+    """Samples whose `kind` ('text' or 'vae') cache file is missing, unreadable or out of date."""
+    key_of = text_key if kind == "text" else vae_key
+    problems = []
+    for _, row in manifest.iterrows():
+        paths = sample_paths(dataset_config, config, row)
+        path = paths.text if kind == "text" else paths.vae
+        if not is_current(path, key_of(config, dataset_config, row))[0]:
+            problems.append(f"{path}: missing or stale for {row['target_path']}")
+    return problems

@@ -35,10 +35,39 @@ def _load(args: argparse.Namespace):
             raise QwenEditError(f"unexpected argument {args.preset!r}; did you mean example={args.preset}?")
         config, data = example_paths(args.preset.split("=", 1)[1])
         ensure_demo(args.root)
+        project = load_project(config, data, args.root, overrides)
+        overrides = {**real_model_overrides(project.config), **overrides}
         return load_project(config, data, args.root, overrides), overrides
     if args.config is None:
         raise QwenEditError("give example=NAME or --config config.json")
     return load_project(args.config, args.data, args.root, overrides), overrides
+
+
+def real_model_overrides(config) -> dict:
+    """Presets train the real checkpoint where it can: a CUDA GPU and the weights in the local HF cache.
+
+    Everywhere else they train the tiny model. Only the model changes; the demo data stays.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    from huggingface_hub import snapshot_download
+
+    model = config.flavour.default_model
+    try:
+        snapshot_download(model, local_files_only=True)
+    except Exception:
+        print(f"note: {model} is not in the local Hugging Face cache; training the tiny demo model")
+        return {}
+    memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return {
+        "pretrained_model_name_or_path": model,
+        "base_model_precision": "int8-quanto" if memory_gib < 60 else "no_change",
+        "gradient_checkpointing": True,
+        "validation_resolution": "768x768" if memory_gib < 40 else "1024x1024",
+        "validation_num_inference_steps": 30,
+    }
 
 
 def ensure_demo(root: Path) -> None:

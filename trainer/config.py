@@ -22,7 +22,7 @@ BaseModelPrecision = Literal[
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
-Optimizer = Literal["adamw", "adamw_bf16"]
+Optimizer = Literal["adamw", "adamw_bf16", "adamw8bit"]
 
 # Keys whose value must be one of a fixed set; used to suggest the right value in errors.
 _FIXED_CHOICES = {
@@ -76,6 +76,11 @@ class TrainConfig(BaseModel):
     lora_alpha: float | None = Field(None, gt=0)  # default: lora_rank (scale 1)
     seed: int = 42
     flow_schedule_shift: float = Field(1.73, gt=0)
+
+    # experimental: scheduled sampling (rollout) against exposure bias; off by default
+    scheduled_sampling_probability: float = Field(0.0, ge=0.0, le=1.0)
+    scheduled_sampling_max_step_offset: int = Field(100, ge=1, le=1000)  # in timesteps of 1000
+    scheduled_sampling_steps: int = Field(2, ge=1)
 
     # precision and memory
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"

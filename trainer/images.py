@@ -1,6 +1,10 @@
 """Reading images from disk and choosing the size a target trains at (aspect-ratio buckets)."""
 
 import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -14,25 +18,93 @@ def is_image_file(path: Path) -> bool:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """An RGB image with its EXIF orientation applied, so target and reference agree."""
+    """An RGB image with its EXIF orientation applied, so target and reference agree.
+
+    Transparent pixels are composited on white (a plain convert would expose whatever colour
+    the transparent pixels happen to hold); CMYK, palette and 16-bit images are converted.
+    """
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return image.point(lambda v: v / 256).convert("L").convert("RGB")
         return image.convert("RGB")
 
 
-def probe_image(path: str | Path) -> str | None:
-    """None when `path` is a readable image, else why it is not (for the pairing report)."""
+_ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """What the pairing checks need to know of a file, from its header and a structural verify."""
+
+    error: str | None = None
+    width: int = 0  # after EXIF orientation
+    height: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def probe_image(path: str | Path) -> ImageProbe:
+    """Is `path` a usable image, and what will loading it change? Cached per (path, size, mtime)."""
     path = Path(path)
-    if not path.is_file():
-        return "missing file"
-    if path.stat().st_size == 0:
-        return "empty (zero-byte) file"
     try:
-        with Image.open(path) as image:
-            image.verify()
+        stat = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return ImageProbe("missing file")
+    if not path.is_file():
+        return ImageProbe("not a file")
+    return _probe(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=500_000)
+def _probe(path: str, size: int, mtime_ns: int) -> ImageProbe:
+    if size == 0:
+        return ImageProbe("empty (zero-byte) file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.verify()  # structure and checksums: catches truncated files; must come first
+            with Image.open(path) as image:
+                width, height, mode = image.width, image.height, image.mode
+                orientation = image.getexif().get(0x0112, 1)
+                has_alpha = mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return ImageProbe(f"decompression bomb refused ({exc}); downscale it below {Image.MAX_IMAGE_PIXELS} pixels")
     except Exception as exc:  # PIL raises many types for bad files
-        return f"not a readable image ({type(exc).__name__}: {exc})"
-    return None
+        return ImageProbe(f"not a readable image ({type(exc).__name__}: {exc})")
+    notes = []
+    if mode == "CMYK":
+        notes.append("CMYK image, converted to RGB")
+    elif mode.startswith("I"):
+        notes.append(f"{mode} (16-bit) image, converted to 8-bit RGB")
+    elif mode == "P" and not has_alpha:
+        notes.append("palette image, converted to RGB")
+    if has_alpha:
+        notes.append("has transparency, composited on white")
+    if orientation in _ROTATED_ORIENTATIONS:
+        width, height = height, width
+    if orientation != 1:
+        notes.append(f"EXIF orientation {orientation} applied")
+    return ImageProbe(None, width, height, tuple(notes))
+
+
+def case_twins(folder: Path) -> list[tuple[Path, Path]]:
+    """Files whose names differ only by letter case (they would pair differently across systems)."""
+    seen: dict[str, Path] = {}
+    twins = []
+    for name in sorted(os.listdir(folder)):
+        path = folder / name
+        if not is_image_file(path):
+            continue
+        key = path.stem.lower()
+        if key in seen and seen[key].stem != path.stem:
+            twins.append((seen[key], path))
+        seen.setdefault(key, path)
+    return twins
 
 
 def bucket_size(width: int, height: int, resolution: float, resolution_type: str) -> tuple[int, int]:

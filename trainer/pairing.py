@@ -16,7 +16,10 @@ from pandera.typing import Series
 from trainer.dataset_config import DatasetConfig, DatasetEntry, TrainingSet
 from trainer.errors import DataError
 from trainer.flavours import Flavour
-from trainer.images import is_image_file, probe_image
+from trainer.images import bucket_size, case_twins, is_image_file, probe_image
+
+ASPECT_TOLERANCE = 0.02  # reference_strict: |log(aspect ratio / target's)| above this is an error
+IGNORED_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md"}
 
 MAX_REFERENCES = 3
 REFERENCE_COLUMNS = tuple(f"reference_{i}" for i in range(1, MAX_REFERENCES + 1))
@@ -37,7 +40,7 @@ class PairingManifestModel(pa.DataFrameModel):
 
     @pa.check("target_path", "reference_1", "reference_2", "reference_3", element_wise=True, name="readable_image")
     def _readable(cls, path) -> bool:
-        return path is None or pd.isna(path) or probe_image(path) is None
+        return path is None or pd.isna(path) or probe_image(path).error is None
 
     @pa.check("caption", element_wise=True, name="caption_present")
     def _caption(cls, caption) -> bool:
@@ -130,7 +133,58 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
                 **dict(zip(REFERENCE_COLUMNS, references)),
             }
         )
+    _check_quality(tset, rows, report)
     return rows
+
+
+def _check_quality(tset: TrainingSet, rows: list[dict], report: PairingReport) -> None:
+    """Beyond pairing: conversions done on load, small images, strict references of another shape, odd files."""
+    entry = tset.target
+    for folder in (tset.target_dir, *tset.reference_dirs):
+        for first, second in case_twins(folder):
+            report.errors.append(f"{first} and {second}: names differ only by letter case; rename one")
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not is_image_file(path) and not path.name.startswith(".") and path.suffix.lower() not in IGNORED_SUFFIXES:
+                report.warnings.append(f"{path}: not an image type ({path.suffix or 'no extension'}), ignored")
+    for row in rows:
+        target = probe_image(row["target_path"])
+        for note in target.notes:
+            report.warnings.append(f"{row['target_path']}: {note}")
+        if target.error is None:
+            bucket = bucket_size(target.width, target.height, entry.resolution, entry.resolution_type)
+            if target.width * target.height < 0.5 * bucket[0] * bucket[1]:
+                report.warnings.append(
+                    f"{row['target_path']}: {target.width}x{target.height} is well below the training size "
+                    f"{bucket[0]}x{bucket[1]} (resolution {entry.resolution:g}); it will be upscaled"
+                )
+        for ref_entry, column in zip(tset.references, REFERENCE_COLUMNS):
+            ref = probe_image(row[column])
+            for note in ref.notes:
+                report.warnings.append(f"{row[column]}: {note}")
+            strict = ref_entry.conditioning_type == "reference_strict"
+            if strict and ref.error is None and target.error is None and _aspect_gap(ref, target) > ASPECT_TOLERANCE:
+                report.errors.append(
+                    f"{row[column]}: {ref.width}x{ref.height} has another aspect ratio than its target "
+                    f"{row['target_path']} ({target.width}x{target.height}); crop it to match, or set "
+                    f"conditioning_type 'reference_loose' on dataset {ref_entry.id!r}"
+                )
+
+
+def _aspect_gap(a, b) -> float:
+    import math
+
+    return abs(math.log((a.width / a.height) / (b.width / b.height)))
+
+
+def _missing_hint(path: str) -> str:
+    """Why a file is unusable, with a hint when a file of the same name in another case exists."""
+    error = probe_image(path).error
+    p = Path(path)
+    if error == "missing file" and p.parent.is_dir():
+        for other in p.parent.iterdir():
+            if other.stem.lower() == p.stem.lower() and is_image_file(other):
+                return f"missing file (found {other.name}: names must match exactly, including case)"
+    return error
 
 
 def _image_files(folder: Path, report: PairingReport | None = None) -> dict[str, Path]:
@@ -173,7 +227,7 @@ def _describe_failures(failures: pd.DataFrame, manifest: pd.DataFrame) -> Iterab
         index = failure.index
         row = manifest.loc[index] if index is not None and index in manifest.index else None
         if check == "readable_image":
-            yield f"{failure.failure_case}: {probe_image(failure.failure_case)}" + (
+            yield f"{failure.failure_case}: {_missing_hint(failure.failure_case)}" + (
                 f" (reference for {row.target_path})" if row is not None and failure.column != "target_path" else ""
             )
         elif check == "caption_present" or (failure.column == "caption" and row is not None):

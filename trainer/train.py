@@ -23,10 +23,10 @@ from diffusers.training_utils import EMAModel
 
 from trainer import checkpoints as ckpt
 from trainer.caches import CachedSample, SamplePaths, load_sample, sample_paths
-from trainer.conditioning import img_shapes, pack
+from trainer.conditioning import img_shapes, pack, unpack
 from trainer.config import TrainConfig, parse_override
 from trainer.dataset_config import DatasetConfig
-from trainer.errors import DataError
+from trainer.errors import ConfigError, DataError
 from trainer.flow_matching import add_noise, sample_sigma, velocity_target
 from trainer.lora import add_lora, load_lora_state_dict, lora_state_dict, save_lora
 from trainer.models import load_transformer
@@ -38,11 +38,10 @@ from trainer.tracking import ensure_experiment, run_url, tracking_uri
 SUMMARY_NAME = "training_summary.json"
 
 
-def flow_matching_loss(transformer, sample: CachedSample, sigma: torch.Tensor, noise: torch.Tensor, dtype) -> torch.Tensor:
-    """One sample's loss, the transformer called exactly as the pipeline's denoising step calls it."""
+def predict_velocity(transformer, sample: CachedSample, x_t: torch.Tensor, sigma: torch.Tensor, dtype) -> torch.Tensor:
+    """The transformer's velocity for the target tokens, called exactly as the pipeline's denoising step calls it."""
     device = sigma.device
-    x0 = sample.target[None].to(device, torch.float32)
-    noisy = pack(add_noise(x0, noise, sigma))
+    noisy = pack(x_t)
     references = [pack(r[None].to(device, torch.float32)) for r in sample.references]
     mask = sample.prompt_embeds_mask[None].to(device)
     prediction = transformer(
@@ -50,11 +49,36 @@ def flow_matching_loss(transformer, sample: CachedSample, sigma: torch.Tensor, n
         timestep=sigma.to(dtype),  # the pipeline passes t / 1000 = σ
         encoder_hidden_states=sample.prompt_embeds[None].to(device, dtype),
         encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # as the pipeline drops an all-ones mask
-        img_shapes=img_shapes(x0[0], [r[None] for r in sample.references]),
+        img_shapes=img_shapes(x_t[0], [r[None] for r in sample.references]),
         return_dict=False,
     )[0]
-    prediction = prediction[:, : noisy.shape[1]]  # the target's tokens; references come after
+    return prediction[:, : noisy.shape[1]]  # the target's tokens; references come after
+
+
+def flow_matching_loss(
+    transformer, sample: CachedSample, sigma: torch.Tensor, noise: torch.Tensor, dtype, x_t: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One sample's loss; `x_t` replaces the ground-truth noised latent (scheduled sampling)."""
+    x0 = sample.target[None].to(sigma.device, torch.float32)
+    x_t = add_noise(x0, noise, sigma) if x_t is None else x_t
+    prediction = predict_velocity(transformer, sample, x_t, sigma, dtype)
     return F.mse_loss(prediction.float(), pack(velocity_target(x0, noise)).float())
+
+
+@torch.no_grad()
+def rollout_input(
+    transformer, sample: CachedSample, sigma: torch.Tensor, noise: torch.Tensor, offset: float, steps: int, dtype
+) -> torch.Tensor:
+    """Scheduled sampling: reach σ by the model's own Euler steps from a noisier σ + offset,
+    so training sees the kind of input it will meet at inference (exposure bias)."""
+    x0 = sample.target[None].to(sigma.device, torch.float32)
+    start = torch.clamp(sigma + offset, max=1.0)
+    x = add_noise(x0, noise, start)
+    sigmas = torch.linspace(float(start), float(sigma), steps + 1, device=sigma.device)
+    for current, following in zip(sigmas[:-1], sigmas[1:]):
+        velocity = predict_velocity(transformer, sample, x, current.reshape(1), dtype).float()
+        x = x + (following - current) * unpack(velocity, x.shape[-2], x.shape[-1])
+    return x
 
 
 def micro_step_sample(micro_step: int, n_samples: int, seed: int, world: int, rank: int) -> int:
@@ -84,6 +108,18 @@ def conditioning_for_step(sample: CachedSample, dropout_probability: float, gene
 
 def micro_step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, micro_step, rank)) & 0x7FFF_FFFF_FFFF)
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise ConfigError("optimizer 'adamw8bit' needs a CUDA GPU (bitsandbytes); use 'adamw' on this machine")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=1e-2)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
 
 
 @dataclass
@@ -146,7 +182,7 @@ class LoraTrainingRecipe:
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.max_steps = config.resolved_max_train_steps(len(self.samples))
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+        optimizer = make_optimizer(config, params)
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=self.max_steps
         )
@@ -197,8 +233,9 @@ class LoraTrainingRecipe:
                 sample = conditioning_for_step(sample, config.caption_dropout_probability, generator)
                 sigma = sample_sigma(config.flow_schedule_shift, generator).to(accelerator.device)
                 noise = torch.randn((1, *sample.target.shape), generator=generator).to(accelerator.device)
+                x_t = self._scheduled_sampling_input(sample, sigma, noise, generator)
                 with accelerator.accumulate(self.transformer):
-                    loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype)
+                    loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype, x_t)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
@@ -218,6 +255,15 @@ class LoraTrainingRecipe:
             if (step + 1) % config.checkpointing_steps == 0 and step + 1 < self.max_steps:
                 self.save_checkpoint(step + 1)
                 reporter.log(f"step {step + 1}: checkpoint saved")
+
+    def _scheduled_sampling_input(self, sample, sigma, noise, generator) -> torch.Tensor | None:
+        config = self.config
+        if config.scheduled_sampling_probability <= 0:
+            return None
+        if float(torch.rand((), generator=generator)) >= config.scheduled_sampling_probability:
+            return None
+        offset = float(torch.rand((), generator=generator)) * config.scheduled_sampling_max_step_offset / 1000
+        return rollout_input(self.transformer, sample, sigma, noise, offset, config.scheduled_sampling_steps, self.weight_dtype)
 
     def validate(self, step: int, reporter: Reporter) -> None:
         """Rank 0 edits the validation pairs with the current LoRA; the report goes to validation/step-N."""

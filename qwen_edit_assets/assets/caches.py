@@ -1,40 +1,57 @@
 """Encoder caches: prompt embeddings (with the references) and VAE latents, encoded incrementally."""
 
+import hashlib
+
 import dagster as dg
 import pandas as pd
 
+from qwen_edit_assets.assets.pairing import manifest_version
 from qwen_edit_assets.resources import QwenEditProject
 
 GROUP = "caches"
 
 
-@dg.asset(
-    group_name=GROUP,
-    pool="gpu",
-    kinds={"pytorch", "safetensors"},
-    description="Qwen2.5-VL prompt embeddings computed as the diffusers pipeline's encode_prompt does "
-    "(edit-v1: the conditioning image embeds), one safetensors file per sample; only new or changed pairs are encoded.",
+def _cache_asset(kind: str, name: str, description: str) -> dg.AssetsDefinition:
+    check = f"{name}_match_manifest"
+
+    @dg.asset(
+        name=name,
+        group_name=GROUP,
+        pool="gpu",
+        kinds={"pytorch", "safetensors"},
+        description=description,
+        check_specs=[dg.AssetCheckSpec(check, asset=name, description="every manifest row has an up-to-date cache file")],
+    )
+    def cache_asset(context: dg.AssetExecutionContext, project: QwenEditProject, pairing_manifest: pd.DataFrame):
+        from trainer.caches import build_text_cache, build_vae_cache, verify_cache
+
+        loaded = project.load()
+        build = build_text_cache if kind == "text" else build_vae_cache
+        stats = build(pairing_manifest, loaded.dataset_config, loaded.config)
+        context.log.info(f"{name}: {stats.encoded} encoded, {stats.reused} reused, {stats.pruned} pruned")
+        # same manifest + same encoder settings = same cache: the UI shows downstream staleness from this
+        settings = f"{loaded.config.model_flavour}|{loaded.config.model_path}|{loaded.config.model_kwargs.match_target_res}"
+        version = f"{manifest_version(pairing_manifest)}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+        yield dg.MaterializeResult(metadata=stats.as_metadata(), data_version=dg.DataVersion(version))
+        problems = verify_cache(pairing_manifest, loaded.dataset_config, loaded.config, kind)
+        yield dg.AssetCheckResult(
+            check_name=check,
+            passed=not problems,
+            metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:50]) or "none")},
+        )
+
+    return cache_asset
+
+
+text_embeds = _cache_asset(
+    "text",
+    "text_embeds",
+    "Qwen2.5-VL prompt embeddings computed as the diffusers pipeline's encode_prompt does (edit-v1: the "
+    "conditioning image embeds), one safetensors file per sample; only new or changed pairs are encoded.",
 )
-def text_embeds(context: dg.AssetExecutionContext, project: QwenEditProject, pairing_manifest: pd.DataFrame) -> dg.MaterializeResult:
-    from trainer.caches import build_text_cache
-
-    loaded = project.load()
-    stats = build_text_cache(pairing_manifest, loaded.dataset_config, loaded.config)
-    context.log.info(f"text embeddings: {stats.encoded} encoded, {stats.reused} reused, {stats.pruned} pruned")
-    return dg.MaterializeResult(metadata=stats.as_metadata())
-
-
-@dg.asset(
-    group_name=GROUP,
-    pool="gpu",
-    kinds={"pytorch", "safetensors"},
-    description="Normalised VAE latents of each target (at its bucket size) and its references, one "
-    "safetensors file per sample; only new or changed pairs are encoded.",
+vae_latents = _cache_asset(
+    "vae",
+    "vae_latents",
+    "Normalised VAE latents of each target (at its bucket size) and its references, one safetensors file "
+    "per sample; only new or changed pairs are encoded, removed pairs are pruned.",
 )
-def vae_latents(context: dg.AssetExecutionContext, project: QwenEditProject, pairing_manifest: pd.DataFrame) -> dg.MaterializeResult:
-    from trainer.caches import build_vae_cache
-
-    loaded = project.load()
-    stats = build_vae_cache(pairing_manifest, loaded.dataset_config, loaded.config)
-    context.log.info(f"VAE latents: {stats.encoded} encoded, {stats.reused} reused, {stats.pruned} pruned")
-    return dg.MaterializeResult(metadata=stats.as_metadata())

@@ -307,3 +307,19 @@ def test_edit_v1_caches_its_one_reference_at_one_megapixel_in_the_default_folder
 
     text, vae = build_text_cache(manifest, data, config, CPU), build_vae_cache(manifest, data, config, CPU)
     assert counts(text) == counts(vae) == (0, 1, 0)
+
+
+def test_touching_a_file_without_changing_it_encodes_nothing_and_refreshes_the_shortcut(cached):
+    import os
+
+    from trainer.caches import stored_metadata
+
+    target = cached.folder("edited") / "0001.png"
+    os.utime(target, ns=(1_000_000_000, 1_000_000_000))
+    quick_before = stored_metadata(cached.vae_dir / "0001.safetensors")["quick"]
+    text, vae = cached.build()
+    assert counts(text) == counts(vae) == (0, 4, 0)  # contents hashed, found equal: nothing encoded
+    assert stored_metadata(cached.vae_dir / "0001.safetensors")["quick"] != quick_before  # shortcut now matches
+    after_refresh = identities(cached.vae_dir)
+    cached.build()
+    assert identities(cached.vae_dir) == after_refresh

@@ -86,6 +86,7 @@ def test_the_spec_key_lists_cover_the_whole_schema_except_documented_extras():
     """A key added to the schema without a test of its parsing shows up here."""
     extras = {
         "max_grad_norm", "ema_decay", "validation_seed", "tracker_project_name", "tracker_run_name",
+        "scheduled_sampling_probability", "scheduled_sampling_max_step_offset", "scheduled_sampling_steps",
     }  # fmt: skip
     assert set(TrainConfig.model_fields) == set(GUIDE_KEYS) | set(SIMPLETUNER_KEYS) | extras
 
@@ -351,3 +352,17 @@ def test_epochs_round_up_to_whole_optimiser_steps():
 
     config = parse_train_config({"num_train_epochs": 1, "gradient_accumulation_steps": 4})
     assert config.resolved_max_train_steps(10) == 3
+
+
+def test_every_key_of_the_schema_is_documented_in_the_readme():
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key in TrainConfig.model_fields if f"`{key}`" not in readme and f"`{key}." not in readme]
+    assert missing == []
+
+
+def test_scheduled_sampling_is_off_by_default_and_bounded():
+    config = parse_train_config({})
+    assert config.scheduled_sampling_probability == 0.0
+    assert "scheduled_sampling_probability" in config_error({"scheduled_sampling_probability": 1.5})

@@ -9,22 +9,13 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import write_small_project
+from tests.conftest import prepare_small_project, write_small_project
 from trainer.caches import build_text_cache, build_vae_cache
 from trainer.checkpoints import checkpoint_dirs
 from trainer.lora import LORA_WEIGHTS_NAME
 from trainer.workflow import check_data, load_project, training_command, training_env
 
 pytestmark = pytest.mark.slow
-
-
-def _prepared_project(root, demo_root, **config):
-    config_path, data_path = write_small_project(root, demo_root / "demo" / "models", **config)
-    project = load_project(config_path, data_path, root)
-    manifest, _ = check_data(project)
-    build_text_cache(manifest, project.dataset_config, project.config)
-    build_vae_cache(manifest, project.dataset_config, project.config)
-    return project
 
 
 def _launch(project, **overrides) -> subprocess.Popen:
@@ -38,10 +29,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(demo_root, tmp_path):
     """Killed mid-run, then relaunched with resume_from_checkpoint=latest: same LoRA as an uninterrupted run."""
     steps = 60
     settings = dict(max_train_steps=steps, checkpointing_steps=5, gradient_accumulation_steps=2, lr_scheduler="cosine")
-    reference = _prepared_project(tmp_path / "uninterrupted", demo_root, **settings)
+    reference = prepare_small_project(tmp_path / "uninterrupted", demo_root, **settings)
     assert _launch(reference).wait() == 0
 
-    project = _prepared_project(tmp_path / "interrupted", demo_root, resume_from_checkpoint="latest", **settings)
+    project = prepare_small_project(tmp_path / "interrupted", demo_root, resume_from_checkpoint="latest", **settings)
     process = _launch(project)
     checkpoints = project.output_dir / "checkpoints"
     deadline = time.time() + 300
@@ -66,7 +57,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(demo_root, tmp_path):
 
 
 def test_checkpoints_rotate_to_the_limit(demo_root, tmp_path):
-    project = _prepared_project(tmp_path, demo_root, max_train_steps=8, checkpointing_steps=2, checkpoints_total_limit=2)
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=8, checkpointing_steps=2, checkpoints_total_limit=2)
     process = _launch(project)
     output, _ = process.communicate()
     assert process.returncode == 0, output
@@ -110,7 +101,7 @@ def test_ema_caption_dropout_and_random_reference_sampling(demo_root, tmp_path):
 def test_validation_during_training_writes_a_report_per_interval(demo_root, tmp_path, isolated_mlflow):
     from mlflow.tracking import MlflowClient
 
-    project = _prepared_project(tmp_path, demo_root, max_train_steps=4, validation_step_interval=2, report_to="mlflow")
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=4, validation_step_interval=2, report_to="mlflow")
     process = _launch(project)
     output, _ = process.communicate()
     assert process.returncode == 0, output
@@ -121,3 +112,35 @@ def test_validation_during_training_writes_a_report_per_interval(demo_root, tmp_
     run_id = json.loads((project.output_dir / "training_summary.json").read_text())["mlflow_run_id"]
     history = MlflowClient(isolated_mlflow).get_metric_history(run_id, "validation_lora_latent_mse")
     assert [m.step for m in history] == [2, 4]
+
+
+def test_scheduled_sampling_reaches_sigma_by_the_models_own_steps(demo_root, tmp_path):
+    """The rollout input starts at a noisier σ and differs from the ground-truth noised latent."""
+    import torch
+
+    from trainer.caches import load_sample, sample_paths
+    from trainer.flow_matching import add_noise
+    from trainer.models import load_transformer
+    from trainer.train import flow_matching_loss, rollout_input
+
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=1)
+    from trainer.workflow import load_manifest
+
+    first = load_manifest(project).iloc[0]
+    sample = load_sample(sample_paths(project.dataset_config, project.config, first), first["name"])
+    transformer = load_transformer(project.config, torch.float32)
+    sigma, noise = torch.tensor([0.5]), torch.randn((1, *sample.target.shape), generator=torch.Generator().manual_seed(0))
+    truth = add_noise(sample.target[None], noise, sigma)
+    rolled = rollout_input(transformer, sample, sigma, noise, offset=0.2, steps=2, dtype=torch.float32)
+    assert rolled.shape == truth.shape and not torch.allclose(rolled, truth)
+    # no offset: the rollout has nowhere to go and returns the ground truth
+    assert torch.allclose(rollout_input(transformer, sample, sigma, noise, 0.0, 2, torch.float32), truth, atol=1e-6)
+    assert torch.isfinite(flow_matching_loss(transformer, sample, sigma, noise, torch.float32, rolled))
+
+
+def test_training_with_scheduled_sampling_runs(demo_root, tmp_path):
+    from trainer.train import run_training
+
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=3, scheduled_sampling_probability=1.0)
+    result = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
+    assert result.steps == 3
