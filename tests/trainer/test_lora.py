@@ -23,10 +23,12 @@ def trained(demo_root, tmp_path_factory):
 
 
 def test_diffusers_file_carries_rank_and_alpha(trained):
+    import json
+
     with safe_open(str(trained.lora_dir / LORA_WEIGHTS_NAME), framework="pt") as handle:
-        metadata = handle.metadata()
-    assert '"lora_alpha": 8' in metadata["transformer_lora_adapter_metadata"].replace(".0", "")
-    assert '"r": 4' in metadata["transformer_lora_adapter_metadata"]
+        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.r"] == 4
+    assert metadata["transformer.lora_alpha"] == 8
 
 
 def test_comfyui_file_uses_diffusion_model_keys_with_alphas(trained):
