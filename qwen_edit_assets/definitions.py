@@ -7,6 +7,7 @@ Which project it works on comes from QWEN_EDIT_ROOT / QWEN_EDIT_CONFIG / QWEN_ED
 import dagster as dg
 
 from qwen_edit_assets.assets.caches import text_embeds, vae_latents
+from qwen_edit_assets.assets.comparison import run_comparison
 from qwen_edit_assets.assets.pairing import pairing_manifest_asset
 from qwen_edit_assets.assets.raw_datasets import raw_asset_key, raw_dataset_assets
 from qwen_edit_assets.assets.training import trained_lora
@@ -20,7 +21,7 @@ def build_definitions(project: QwenEditProject | None = None) -> dg.Definitions:
     raw = raw_dataset_assets(project)
     raw_keys = [key for asset in raw for key in asset.keys]
     return dg.Definitions(
-        assets=[*raw, pairing_manifest_asset(raw_keys), text_embeds, vae_latents, trained_lora, validation_report],
+        assets=[*raw, pairing_manifest_asset(raw_keys), text_embeds, vae_latents, trained_lora, validation_report, run_comparison],
         jobs=[retrain_job],
         schedules=[retrain_schedule],
         sensors=[new_pairs_sensor],

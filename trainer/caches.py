@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from trainer.conditioning import encode_image_latents, encode_prompt, preprocess_target, prepare_references
 from trainer.config import TrainConfig
 from trainer.dataset_config import DatasetConfig
-from trainer.images import bucket_size, load_rgb, probe_image
+from trainer.images import bucket_size, load_rgb
 from trainer.io import atomic_write_with
 from trainer.models import compute_dtype, default_device, load_pipeline
 from trainer.pairing import reference_paths
@@ -55,8 +55,8 @@ def sample_paths(dataset_config: DatasetConfig, config: TrainConfig, row) -> Sam
 def target_size(dataset_config: DatasetConfig, row) -> tuple[int, int]:
     """The (width, height) bucket of a sample's target image (from its header, EXIF-aware)."""
     entry = dataset_config.by_id(row["dataset_id"])
-    probe = probe_image(row["target_path"])
-    return bucket_size(probe.width, probe.height, entry.resolution, entry.resolution_type)
+    width, height = int(row["target_width"]), int(row["target_height"])  # probed when the manifest was built
+    return bucket_size(width, height, entry.resolution, entry.resolution_type)
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def _run_cache_pass(
     encode: Callable[[object], dict[str, torch.Tensor]],
     description: str,
 ) -> CacheStats:
-    rows = [row for _, row in manifest.iterrows()]
+    rows = manifest.to_dict("records")  # plain dicts: iterrows costs ~30 µs a row
     stale = []
     for row in rows:
         key = key_of(row)
@@ -279,7 +279,7 @@ def verify_cache(manifest: pd.DataFrame, dataset_config: DatasetConfig, config: 
     """Samples whose `kind` ('text' or 'vae') cache file is missing, unreadable or out of date."""
     key_of = text_key if kind == "text" else vae_key
     problems = []
-    for _, row in manifest.iterrows():
+    for row in manifest.to_dict("records"):
         paths = sample_paths(dataset_config, config, row)
         path = paths.text if kind == "text" else paths.vae
         if not is_current(path, key_of(config, dataset_config, row))[0]:

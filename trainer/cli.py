@@ -4,6 +4,7 @@
     qwen-edit train example=qwen_image.edit-v1-lora
     qwen-edit train --config config.json --data multidatabackend.json [--set learning_rate=1e-4]
     qwen-edit check --config config.json            # validate config + data, nothing else
+    qwen-edit compare --last 5                      # the latest MLflow runs side by side
     qwen-edit demo-setup                            # tiny models + demo dataset under ./demo
     qwen-edit tiny-model OUT_DIR --flavour edit-v2
 """
@@ -147,6 +148,36 @@ def cmd_demo_setup(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import os
+
+    from trainer.compare import compare_runs, write_comparison_report
+    from trainer.tracking import tracking_uri
+
+    root = Path(args.root).resolve()
+    experiment = args.experiment
+    if experiment is None:
+        if args.config is not None:
+            from trainer.config import load_train_config
+
+            config_path = args.config if args.config.is_absolute() else root / args.config
+            experiment = load_train_config(config_path).tracker_project_name
+        else:
+            experiment = "qwen-edit"
+    uri = args.tracking_uri or tracking_uri(root)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    out = args.out if args.out is not None else root / "outputs" / "comparison"
+    comparison = compare_runs(uri, experiment, last_n=args.last, out_dir=out)
+    report = write_comparison_report(comparison, out)
+    print(f"experiment {experiment!r} at {uri}: the last {len(comparison.runs)} run(s)\n")
+    print(comparison.runs_table() + "\n")
+    if not comparison.differing_params:
+        print("(all params are equal)\n")
+    print(comparison.table() + "\n")
+    print(f"report: {report} (and report.html)\nMLflow compare page: {comparison.compare_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-edit", description="LoRA fine-tuning of the Qwen-Image Edit models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(func=cmd_tiny_model)
+    compare = commands.add_parser("compare", help="the latest MLflow runs side by side: differing params, losses, edits")
+    compare.add_argument("--last", type=int, default=5, metavar="N", help="compare the N most recent runs (default 5)")
+    compare.add_argument("--experiment", help="MLflow experiment (default: --config's tracker_project_name, else qwen-edit)")
+    compare.add_argument("--config", type=Path, help="config.json whose tracker_project_name names the experiment")
+    compare.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the store under --root")
+    compare.add_argument("--root", type=Path, default=Path.cwd(), help="project folder holding mlruns/ (default: working directory)")
+    compare.add_argument("--out", type=Path, help="report folder (default: ROOT/outputs/comparison)")
+    compare.set_defaults(func=cmd_compare)
     demo = commands.add_parser("demo-setup", help="tiny models and the demo dataset under ./demo")
     demo.add_argument("--root", type=Path, default=Path.cwd())
     demo.set_defaults(func=cmd_demo_setup)

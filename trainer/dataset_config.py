@@ -5,7 +5,7 @@ datasets hold references with matching file names, `conditioning_image_embeds` a
 `text_embeds` entries name cache locations.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +76,7 @@ class DatasetConfig:
     entries: tuple[DatasetEntry, ...]
     source: str
     base_dir: Path
+    _training_sets: dict = field(default_factory=dict, compare=False, repr=False)  # memo: hot in cache passes
 
     def by_id(self, dataset_id: str) -> DatasetEntry:
         for entry in self.entries:
@@ -95,6 +96,12 @@ class DatasetConfig:
         return [e for e in self.entries if e.dataset_type == "image" and not e.disabled]
 
     def training_set(self, entry: DatasetEntry, flavour: Flavour) -> TrainingSet:
+        key = (entry.id, flavour.name)
+        if key not in self._training_sets:
+            self._training_sets[key] = self._build_training_set(entry, flavour)
+        return self._training_sets[key]
+
+    def _build_training_set(self, entry: DatasetEntry, flavour: Flavour) -> TrainingSet:
         refs = tuple(self.by_id(ref_id) for ref_id in entry.conditioning_ids)
         default_sampling = "combined"
         sampling = entry.conditioning_multidataset_sampling or default_sampling

@@ -4,8 +4,8 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
+from stat import S_ISREG
 
 from PIL import Image, ImageOps
 
@@ -49,17 +49,49 @@ class ImageProbe:
 
 def probe_image(path: str | Path) -> ImageProbe:
     """Is `path` a usable image, and what will loading it change? Cached per (path, size, mtime)."""
-    path = Path(path)
     try:
-        stat = path.stat()
+        stat = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return ImageProbe("missing file")
-    if not path.is_file():
+    if not S_ISREG(stat.st_mode):
         return ImageProbe("not a file")
-    return _probe(str(path), stat.st_size, stat.st_mtime_ns)
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _PROBES:
+        _PROBES[key] = _probe(*key)
+    return _PROBES[key]
 
 
-@lru_cache(maxsize=500_000)
+_PROBES: dict[tuple[str, int, int], ImageProbe] = {}  # (path, size, mtime_ns) -> probe; a changed file misses
+PARALLEL_ABOVE = 2000  # files; below this a process pool costs more than it saves
+
+
+def probe_images(paths: list[str]) -> None:
+    """Probe many files at once on every core (PIL's header parsing is Python-bound), filling the cache."""
+    keys = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _PROBES and S_ISREG(stat.st_mode):
+            keys.append(key)
+    workers = os.cpu_count() or 1
+    if len(keys) < PARALLEL_ABOVE or workers == 1:
+        for key in keys:
+            _PROBES[key] = _probe(*key)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        for key, probe in zip(keys, pool.map(_probe_key, keys, chunksize=512)):
+            _PROBES[key] = probe
+
+
+def _probe_key(key: tuple[str, int, int]) -> ImageProbe:
+    return _probe(*key)
+
+
 def _probe(path: str, size: int, mtime_ns: int) -> ImageProbe:
     if size == 0:
         return ImageProbe("empty (zero-byte) file")
@@ -67,11 +99,10 @@ def _probe(path: str, size: int, mtime_ns: int) -> ImageProbe:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.verify()  # structure and checksums: catches truncated files; must come first
-            with Image.open(path) as image:
                 width, height, mode = image.width, image.height, image.mode
-                orientation = image.getexif().get(0x0112, 1)
                 has_alpha = mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+                orientation = _orientation(image.info.get("exif"))  # header bytes only: no pixel decoding
+                image.verify()  # structure and checksums: catches truncated files
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return ImageProbe(f"decompression bomb refused ({exc}); downscale it below {Image.MAX_IMAGE_PIXELS} pixels")
     except Exception as exc:  # PIL raises many types for bad files
@@ -92,19 +123,12 @@ def _probe(path: str, size: int, mtime_ns: int) -> ImageProbe:
     return ImageProbe(None, width, height, tuple(notes))
 
 
-def case_twins(folder: Path) -> list[tuple[Path, Path]]:
-    """Files whose names differ only by letter case (they would pair differently across systems)."""
-    seen: dict[str, Path] = {}
-    twins = []
-    for name in sorted(os.listdir(folder)):
-        path = folder / name
-        if not is_image_file(path):
-            continue
-        key = path.stem.lower()
-        if key in seen and seen[key].stem != path.stem:
-            twins.append((seen[key], path))
-        seen.setdefault(key, path)
-    return twins
+def _orientation(raw_exif: bytes | None) -> int:
+    if not raw_exif:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw_exif)
+    return int(exif.get(0x0112, 1))
 
 
 def bucket_size(width: int, height: int, resolution: float, resolution_type: str) -> tuple[int, int]:

@@ -5,6 +5,7 @@ caption per its caption strategy, and every file must be a readable image. The c
 pandera DataFrameModel validated lazily, so a failure lists *every* offending file at once.
 """
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pandera.typing import Series
 from trainer.dataset_config import DatasetConfig, DatasetEntry, TrainingSet
 from trainer.errors import DataError
 from trainer.flavours import Flavour
-from trainer.images import bucket_size, case_twins, is_image_file, probe_image
+from trainer.images import bucket_size, is_image_file, probe_image, probe_images
 
 ASPECT_TOLERANCE = 0.02  # reference_strict: |log(aspect ratio / target's)| above this is an error
 IGNORED_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md"}
@@ -34,6 +35,8 @@ class PairingManifestModel(pa.DataFrameModel):
     target_path: Series[str]
     caption: Series[str] = pa.Field(nullable=False)
     n_references: Series[int] = pa.Field(ge=1, le=MAX_REFERENCES)
+    target_width: Series[int] = pa.Field(ge=0)  # after EXIF orientation; 0 when unreadable
+    target_height: Series[int] = pa.Field(ge=0)
     reference_1: Series[str] = pa.Field(nullable=True)
     reference_2: Series[str] = pa.Field(nullable=True)
     reference_3: Series[str] = pa.Field(nullable=True)
@@ -76,6 +79,38 @@ class PairingError(DataError):
         super().__init__(f"the dataset has {len(report.errors)} problem(s); nothing was encoded or trained:\n{listing}")
 
 
+@dataclass
+class FolderScan:
+    """One listing of a dataset folder (os.scandir, names sorted as strings: fast at 100k files)."""
+
+    images: dict[str, Path] = field(default_factory=dict)  # by name without extension
+    same_name: list[tuple[Path, Path]] = field(default_factory=list)  # 0001.png + 0001.jpg
+    case_twins: list[tuple[Path, Path]] = field(default_factory=list)  # Cat.png + cat.png
+    others: list[Path] = field(default_factory=list)  # not images, not captions or metadata
+
+
+def scan_folder(folder: Path) -> FolderScan:
+    scan = FolderScan()
+    by_lower: dict[str, Path] = {}
+    with os.scandir(folder) as entries:
+        files = sorted(e.name for e in entries if e.is_file())
+    for name in files:
+        path = folder / name
+        if not is_image_file(path):
+            if not name.startswith(".") and path.suffix.lower() not in IGNORED_SUFFIXES:
+                scan.others.append(path)
+            continue
+        stem = path.stem
+        if stem in scan.images:
+            scan.same_name.append((scan.images[stem], path))
+            continue
+        if stem.lower() in by_lower:
+            scan.case_twins.append((by_lower[stem.lower()], path))
+        by_lower.setdefault(stem.lower(), path)
+        scan.images[stem] = path
+    return scan
+
+
 def build_manifest(
     dataset_config: DatasetConfig, flavour: Flavour, eval_dataset_id: str | None = None
 ) -> tuple[pd.DataFrame, PairingReport]:
@@ -91,7 +126,8 @@ def build_manifest(
     manifest = pd.DataFrame(rows, columns=list(PairingManifestModel.to_schema().columns))
     for column in ("caption", *REFERENCE_COLUMNS):
         manifest[column] = manifest[column].astype(object)
-    manifest["n_references"] = manifest["n_references"].astype(int)
+    for column in ("n_references", "target_width", "target_height"):
+        manifest[column] = manifest[column].astype(int)
     report.errors += _validate(manifest)
     if not (manifest["split"] == "train").any() and not report.errors:
         report.errors.append("no training samples: every image dataset is empty or is the eval dataset")
@@ -105,13 +141,18 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
     if not tset.target_dir.is_dir():
         report.errors.append(f"dataset {entry.id!r}: instance_data_dir {tset.target_dir} does not exist")
         return []
-    targets = _image_files(tset.target_dir, report)
+    scans = {folder: scan_folder(folder) for folder in (tset.target_dir, *tset.reference_dirs) if folder.is_dir()}
+    for scan in scans.values():
+        for first, second in scan.same_name:
+            report.errors.append(f"{first} and {second}: two images named {first.stem!r}; keep one (pairs are matched by name)")
+    targets = scans[tset.target_dir].images
+    probe_images([str(p) for scan in scans.values() for p in scan.images.values()])
     reference_files = []
     for ref_entry, ref_dir in zip(tset.references, tset.reference_dirs):
         if not ref_dir.is_dir():
             report.errors.append(f"conditioning dataset {ref_entry.id!r}: instance_data_dir {ref_dir} does not exist")
             return []
-        reference_files.append(_image_files(ref_dir, report))
+        reference_files.append(scans[ref_dir].images)
     for ref_entry, ref_dir, files in zip(tset.references, tset.reference_dirs, reference_files):
         orphans = sorted(set(files) - set(targets))
         for stem in orphans:
@@ -130,22 +171,23 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
                 "target_path": str(target_path),
                 "caption": read_caption(entry, target_path),
                 "n_references": len(tset.references),
+                "target_width": (probe := probe_image(target_path)).width,
+                "target_height": probe.height,
                 **dict(zip(REFERENCE_COLUMNS, references)),
             }
         )
-    _check_quality(tset, rows, report)
+    _check_quality(tset, rows, scans, report)
     return rows
 
 
-def _check_quality(tset: TrainingSet, rows: list[dict], report: PairingReport) -> None:
+def _check_quality(tset: TrainingSet, rows: list[dict], scans: dict[Path, FolderScan], report: PairingReport) -> None:
     """Beyond pairing: conversions done on load, small images, strict references of another shape, odd files."""
     entry = tset.target
-    for folder in (tset.target_dir, *tset.reference_dirs):
-        for first, second in case_twins(folder):
+    for scan in scans.values():
+        for first, second in scan.case_twins:
             report.errors.append(f"{first} and {second}: names differ only by letter case; rename one")
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and not is_image_file(path) and not path.name.startswith(".") and path.suffix.lower() not in IGNORED_SUFFIXES:
-                report.warnings.append(f"{path}: not an image type ({path.suffix or 'no extension'}), ignored")
+        for path in scan.others:
+            report.warnings.append(f"{path}: not an image type ({path.suffix or 'no extension'}), ignored")
     for row in rows:
         target = probe_image(row["target_path"])
         for note in target.notes:
@@ -185,20 +227,6 @@ def _missing_hint(path: str) -> str:
             if other.stem.lower() == p.stem.lower() and is_image_file(other):
                 return f"missing file (found {other.name}: names must match exactly, including case)"
     return error
-
-
-def _image_files(folder: Path, report: PairingReport | None = None) -> dict[str, Path]:
-    """Image files by name; two files of one name (0001.png, 0001.jpg) are an error, not a pick."""
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not (path.is_file() and is_image_file(path)):
-            continue
-        if path.stem in files and report is not None:
-            report.errors.append(
-                f"{files[path.stem]} and {path}: two images named {path.stem!r}; keep one (pairs are matched by name)"
-            )
-        files.setdefault(path.stem, path)
-    return files
 
 
 def read_caption(entry: DatasetEntry, target_path: Path) -> str | None:

@@ -33,7 +33,7 @@ from trainer.models import load_transformer
 from trainer.pairing import read_manifest
 from trainer.quantization import quantize_transformer
 from trainer.reporting import Reporter, open_reporter
-from trainer.tracking import ensure_experiment, run_url, tracking_uri
+from trainer.tracking import ensure_experiment, run_tags, run_url, tracking_uri
 
 SUMMARY_NAME = "training_summary.json"
 
@@ -336,13 +336,16 @@ def plot_loss(history: list[float], path: Path) -> Path:
 class MlflowRun:
     """Rank 0's MLflow run: params at the start, a loss history per step, artifacts at the end."""
 
-    def __init__(self, config: TrainConfig, project_root: Path, tags: dict[str, str]):
+    def __init__(self, config: TrainConfig, project_root: Path, tags: dict[str, str], manifest_path: Path | None = None):
         import mlflow
 
         self.mlflow = mlflow
         self.uri = tracking_uri(project_root)
         self.experiment_id = ensure_experiment(config.tracker_project_name, self.uri, project_root)
-        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=config.tracker_run_name, tags=tags)
+        tags = {**run_tags(config.model_flavour, project_root, manifest_path), **tags}  # command-line tags win
+        run = mlflow.start_run(
+            experiment_id=self.experiment_id, run_name=config.tracker_run_name, tags=tags, log_system_metrics=True
+        )
         self.run_id = run.info.run_id
         params = {k: v for k, v in config.model_dump().items() if v is not None}
         params["model_kwargs"] = json.dumps(params.get("model_kwargs", {}))
@@ -374,7 +377,7 @@ def run_training(
     is_main = recipe.accelerator.is_main_process
     started = time.time()
     with open_reporter(is_main) as reporter:
-        tracker = MlflowRun(config, project_root, tags) if (is_main and config.report_to == "mlflow") else None
+        tracker = MlflowRun(config, project_root, tags, manifest_path) if (is_main and config.report_to == "mlflow") else None
         progress = _progress_bar(recipe, is_main)
 
         def on_step(step: int, loss: float, lr: float) -> None:

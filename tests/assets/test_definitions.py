@@ -15,7 +15,7 @@ def _defs(root) -> dg.Definitions:
 def test_every_stage_is_an_asset(tmp_path):
     keys = {k.to_user_string() for k in _defs(tmp_path).resolve_asset_graph().get_all_asset_keys()}
     raw = {k for k in keys if k.startswith("raw/")}
-    assert {"pairing_manifest", "text_embeds", "vae_latents", "trained_lora", "validation_report"} <= keys
+    assert {"pairing_manifest", "text_embeds", "vae_latents", "trained_lora", "validation_report", "run_comparison"} <= keys
     # one raw asset per image/conditioning folder of the edit-v2 preset: 2 edit sets x (1 + 3 references)
     assert raw == {
         "raw/demo_edits", "raw/demo_reference", "raw/demo_swatch", "raw/demo_silhouette",
@@ -30,6 +30,7 @@ def test_the_graph_runs_data_before_encoding_before_training(tmp_path):
     assert parents["text_embeds"] == {"pairing_manifest"} and parents["vae_latents"] == {"pairing_manifest"}
     assert {"text_embeds", "vae_latents"} <= parents["trained_lora"]
     assert "trained_lora" in parents["validation_report"]
+    assert parents["run_comparison"] == {"validation_report"}
 
 
 def test_checks_schedule_and_sensor_exist_and_start_switched_off(tmp_path):

@@ -63,10 +63,10 @@ def test_a_decompression_bomb_is_refused_by_name(demo, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16 * 16)  # the demo's 32 px images now count as bombs
     from trainer import images
 
-    images._probe.cache_clear()
+    images._PROBES.clear()
     error = pairing_error(demo)
     assert f"{demo.folder('train', 'edited') / '0000.png'}: decompression bomb refused" in str(error)
-    images._probe.cache_clear()
+    images._PROBES.clear()
 
 
 def test_a_non_image_file_is_ignored_with_a_warning(demo):
