@@ -17,7 +17,7 @@ from pandera.typing import Series
 from trainer.dataset_config import DatasetConfig, DatasetEntry, TrainingSet
 from trainer.errors import DataError
 from trainer.flavours import Flavour
-from trainer.images import bucket_size, is_image_file, probe_image, probe_images
+from trainer.images import IMAGE_SUFFIXES, bucket_size, is_image_file, probe_image, probe_images
 
 ASPECT_TOLERANCE = 0.02  # reference_strict: |log(aspect ratio / target's)| above this is an error
 IGNORED_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md"}
@@ -83,30 +83,34 @@ class PairingError(DataError):
 class FolderScan:
     """One listing of a dataset folder (os.scandir, names sorted as strings: fast at 100k files)."""
 
-    images: dict[str, Path] = field(default_factory=dict)  # by name without extension
+    images: dict[str, str] = field(default_factory=dict)  # path by name without extension
     same_name: list[tuple[Path, Path]] = field(default_factory=list)  # 0001.png + 0001.jpg
     case_twins: list[tuple[Path, Path]] = field(default_factory=list)  # Cat.png + cat.png
     others: list[Path] = field(default_factory=list)  # not images, not captions or metadata
 
 
 def scan_folder(folder: Path) -> FolderScan:
+    """Strings, not Path objects, in the loop: at 100k files pathlib's overhead dominates."""
     scan = FolderScan()
-    by_lower: dict[str, Path] = {}
+    by_lower: dict[str, str] = {}
+    base = str(folder)
     with os.scandir(folder) as entries:
         files = sorted(e.name for e in entries if e.is_file())
     for name in files:
-        path = folder / name
-        if not is_image_file(path):
-            if not name.startswith(".") and path.suffix.lower() not in IGNORED_SUFFIXES:
-                scan.others.append(path)
+        stem, suffix = os.path.splitext(name)
+        path = os.path.join(base, name)
+        if suffix.lower() not in IMAGE_SUFFIXES:
+            if not name.startswith(".") and suffix.lower() not in IGNORED_SUFFIXES:
+                scan.others.append(Path(path))
             continue
-        stem = path.stem
         if stem in scan.images:
-            scan.same_name.append((scan.images[stem], path))
+            scan.same_name.append((Path(scan.images[stem]), Path(path)))
             continue
-        if stem.lower() in by_lower:
-            scan.case_twins.append((by_lower[stem.lower()], path))
-        by_lower.setdefault(stem.lower(), path)
+        lower = stem.lower()
+        if lower in by_lower:
+            scan.case_twins.append((Path(by_lower[lower]), Path(path)))
+        else:
+            by_lower[lower] = path
         scan.images[stem] = path
     return scan
 
@@ -146,7 +150,7 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
         for first, second in scan.same_name:
             report.errors.append(f"{first} and {second}: two images named {first.stem!r}; keep one (pairs are matched by name)")
     targets = scans[tset.target_dir].images
-    probe_images([str(p) for scan in scans.values() for p in scan.images.values()])
+    probe_images([p for scan in scans.values() for p in scan.images.values()])
     reference_files = []
     for ref_entry, ref_dir in zip(tset.references, tset.reference_dirs):
         if not ref_dir.is_dir():
@@ -159,8 +163,9 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
             report.warnings.append(f"{files[stem]}: reference with no target image of the same name in {tset.target_dir}")
     rows = []
     for stem, target_path in sorted(targets.items()):
+        target_name = os.path.basename(target_path)
         references = [
-            str(files.get(stem, ref_dir / target_path.name)) for files, ref_dir in zip(reference_files, tset.reference_dirs)
+            files.get(stem) or os.path.join(str(ref_dir), target_name) for files, ref_dir in zip(reference_files, tset.reference_dirs)
         ]
         references += [None] * (MAX_REFERENCES - len(references))
         rows.append(
@@ -168,7 +173,7 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
                 "split": split,
                 "dataset_id": entry.id,
                 "name": stem,
-                "target_path": str(target_path),
+                "target_path": target_path,
                 "caption": read_caption(entry, target_path),
                 "n_references": len(tset.references),
                 "target_width": (probe := probe_image(target_path)).width,
@@ -229,14 +234,15 @@ def _missing_hint(path: str) -> str:
     return error
 
 
-def read_caption(entry: DatasetEntry, target_path: Path) -> str | None:
+def read_caption(entry: DatasetEntry, target_path: str | Path) -> str | None:
     if entry.caption_strategy == "instanceprompt":
         return entry.instance_prompt
+    stem = os.path.splitext(str(target_path))[0]
     if entry.caption_strategy == "filename":
-        return target_path.stem.replace("_", " ")
-    caption_file = target_path.with_suffix(".txt")
+        return os.path.basename(stem).replace("_", " ")
     try:
-        return caption_file.read_text(encoding="utf-8").strip()
+        with open(stem + ".txt", encoding="utf-8") as handle:
+            return handle.read().strip()
     except (FileNotFoundError, UnicodeDecodeError):
         return None
 
