@@ -11,7 +11,11 @@ export TOKENIZERS_PARALLELISM := false
 DAGSTER_PORT ?= 3000
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test ui mlflow-ui clean-demo
+# `dagster dev` started in the background (`make ui &`, nohup, CI) inherits SIGINT/SIGTERM
+# ignored and then cannot be stopped; reset both before exec so Ctrl-C and kill work everywhere.
+WITH_SIGNALS := $(PY) -c 'import os, signal, sys; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)]; os.execv(sys.argv[1], sys.argv[1:])'
+
+.PHONY: setup demo test test-integration ui mlflow-ui clean-demo
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,13 +31,17 @@ demo: setup
 	$(VENV)/bin/dagster asset materialize -m qwen_edit_assets.definitions --select '*'
 	$(PY) -m qwen_edit_assets.demo_summary
 
-## test: the whole suite (CPU only, tiny model)
+## test: the whole suite (CPU only, tiny model), the integration tests last
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+## test-integration: only the integration tests (real Dagster servers, Chromium, PostgreSQL, MLflow server)
+test-integration: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m integration tests/integration
+
 ## ui: Dagster webserver + daemon on 127.0.0.1:$(DAGSTER_PORT)
 ui: setup
-	$(VENV)/bin/dagster dev -m qwen_edit_assets.definitions --host 127.0.0.1 --port $(DAGSTER_PORT)
+	exec $(WITH_SIGNALS) $(VENV)/bin/dagster dev -m qwen_edit_assets.definitions --host 127.0.0.1 --port $(DAGSTER_PORT)
 
 ## mlflow-ui: the MLflow UI over the embedded store on 127.0.0.1:$(MLFLOW_PORT)
 mlflow-ui: setup
@@ -41,4 +49,4 @@ mlflow-ui: setup
 
 clean-demo:
 	rm -rf demo outputs cache mlruns
-	find dagster_home -mindepth 1 ! -name dagster.yaml -exec rm -rf {} +
+	find dagster_home -mindepth 1 ! -name dagster.yaml ! -name dagster.postgres.yaml -exec rm -rf {} +

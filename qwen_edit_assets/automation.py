@@ -1,6 +1,7 @@
 """Scheduled retraining and a sensor on new or changed pairs; both off until switched on in the UI."""
 
 import json
+import os
 
 import dagster as dg
 
@@ -18,6 +19,10 @@ retrain_schedule = dg.ScheduleDefinition(
 )
 
 
+# How often the daemon may evaluate the sensor; the integration tests shorten it.
+SENSOR_INTERVAL_SECONDS = int(os.environ.get("QWEN_EDIT_SENSOR_INTERVAL", "60"))
+
+
 def dataset_folders_version(project: QwenEditProject) -> dict[str, str]:
     loaded = project.load()
     return {
@@ -29,7 +34,7 @@ def dataset_folders_version(project: QwenEditProject) -> dict[str, str]:
 
 @dg.sensor(
     job=retrain_job,
-    minimum_interval_seconds=60,
+    minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Requests a retraining run when files are added, changed or removed in a dataset folder.",
 )

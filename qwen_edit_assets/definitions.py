@@ -26,6 +26,9 @@ def build_definitions(project: QwenEditProject | None = None) -> dg.Definitions:
         schedules=[retrain_schedule],
         sensors=[new_pairs_sensor],
         resources={"project": project, "pipes_subprocess_client": dg.PipesSubprocessClient()},
+        # one process per run: a process per step re-imports torch and diffusers each time (~3x slower
+        # on the demo); training still runs in its own accelerate subprocess under Pipes
+        executor=dg.in_process_executor,
     )
 
 

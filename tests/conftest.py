@@ -11,6 +11,11 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items):
+    """Integration tests (real servers, a browser) run after everything else: unit failures show up first."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """tmp/demo/{models/tiny-edit-v1..v3, data/} exactly as `qwen-edit demo-setup` writes them."""

@@ -25,6 +25,7 @@ class TrainingState:
     loss_history: list[float]
     ema: dict[str, torch.Tensor] | None = None
     ema_step: int = 0
+    data_version: str = ""  # the manifest it was trained on
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -49,6 +50,7 @@ def save_checkpoint(root: Path, state: TrainingState, total_limit: int | None) -
             "lr_scheduler": state.lr_scheduler,
             "loss_history": state.loss_history,
             "ema_step": state.ema_step,
+            "data_version": state.data_version,
         },
         tmp / "training_state.pt",
     )
@@ -72,6 +74,7 @@ def load_checkpoint(path: Path) -> TrainingState:
         loss_history=meta["loss_history"],
         ema=load_file(str(ema_file)) if ema_file.exists() else None,
         ema_step=meta.get("ema_step", 0),
+        data_version=meta.get("data_version", ""),
     )
 
 

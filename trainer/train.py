@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
@@ -33,7 +33,7 @@ from trainer.models import load_transformer
 from trainer.pairing import read_manifest
 from trainer.quantization import quantize_transformer
 from trainer.reporting import Reporter, open_reporter
-from trainer.tracking import ensure_experiment, run_tags, run_url, tracking_uri
+from trainer.tracking import ensure_experiment, manifest_version, run_tags, run_url, tracking_uri
 
 SUMMARY_NAME = "training_summary.json"
 
@@ -157,6 +157,7 @@ class LoraTrainingRecipe:
         self.tags = tags
         manifest = read_manifest(manifest_path)
         self.manifest = manifest
+        self.data_version = manifest_version(manifest_path)
         self.samples: list[tuple[str, SamplePaths]] = [
             (row["name"], sample_paths(dataset_config, config, row)) for _, row in manifest.iterrows() if row["split"] == "train"
         ]
@@ -172,7 +173,14 @@ class LoraTrainingRecipe:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision="no" if on_cpu else config.mixed_precision,
             cpu=on_cpu,
+            # the last block's text-stream LoRA layers get no gradient (their output is discarded)
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ConfigError(
+                "FSDP is not supported yet (sharded LoRA and optimiser state are not gathered for saving); "
+                "use config/accelerate/ddp.yaml, or base_model_precision 'int8-quanto' to fit one card"
+            )
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision, torch.float32)
         transformer = load_transformer(config, self.weight_dtype)
         if config.base_model_precision not in ("no_change", "nf4-bnb"):
@@ -192,8 +200,10 @@ class LoraTrainingRecipe:
         self.ema = EMAModel([p.detach().to(self.ema_device).clone() for p in params], decay=config.ema_decay) if config.use_ema else None
         self.start_step, self.loss_history = 0, []
         resume = ckpt.resolve_resume(self.checkpoint_root, config.resume_from_checkpoint)
-        if resume is not None:
-            state = ckpt.load_checkpoint(resume)
+        state = ckpt.load_checkpoint(resume) if resume is not None else None
+        if state is not None and not self._resumable(state):
+            resume = state = None
+        if state is not None:
             load_lora_state_dict(self.accelerator.unwrap_model(self.transformer), state.lora)
             self.optimizer.load_state_dict(state.optimizer)
             self.lr_scheduler.load_state_dict(state.lr_scheduler)
@@ -203,6 +213,18 @@ class LoraTrainingRecipe:
                 self.ema.optimization_step = state.ema_step
         self.resumed_from = resume
         self.validation_reports = []
+
+    def _resumable(self, state: ckpt.TrainingState) -> bool:
+        """`latest` continues an interrupted run; a finished run or one on other data starts fresh."""
+        if self.config.resume_from_checkpoint != "latest":
+            return True  # a checkpoint named explicitly is always resumed
+        if state.step >= self.max_steps:
+            print(f"the latest checkpoint (step {state.step}) is of a finished run: training from scratch", flush=True)
+            return False
+        if state.data_version and state.data_version != self.data_version:
+            print("the latest checkpoint was trained on other data: training from scratch", flush=True)
+            return False
+        return True
 
     def _check_caches(self) -> None:
         if not self.samples:
@@ -289,6 +311,7 @@ class LoraTrainingRecipe:
                 loss_history=self.loss_history,
                 ema={f"ema.{i}": p.detach().cpu() for i, p in enumerate(self.ema.shadow_params)} if self.ema else None,
                 ema_step=self.ema.optimization_step if self.ema else 0,
+                data_version=self.data_version,
             )
             ckpt.save_checkpoint(self.checkpoint_root, state, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()

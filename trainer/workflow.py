@@ -20,6 +20,7 @@ from trainer.pairing import PairingReport, build_manifest, read_manifest, write_
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 MANIFEST_NAME = "pairing_manifest.json"
+ACCELERATE_CONFIG_ENV = "QWEN_EDIT_ACCELERATE_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,22 @@ def load_manifest(project: Project) -> pd.DataFrame:
 def training_command(
     project: Project, overrides: dict | None = None, tags: dict | None = None, num_processes: int | None = None
 ) -> list[str]:
-    """`accelerate launch` of the training entry point, hyperparameters on the command line."""
+    """`accelerate launch` of the training entry point, hyperparameters on the command line.
+
+    One process per visible GPU (DDP when there are several), or, with QWEN_EDIT_ACCELERATE_CONFIG
+    naming an accelerate config file (config/accelerate/ddp.yaml, fsdp.yaml), what that file says.
+    """
     import torch
 
     gpus = torch.cuda.device_count()
-    processes = num_processes or max(1, gpus)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1"]
-    launch += ["--dynamo_backend", "no", "--mixed_precision", "no" if gpus == 0 else project.config.mixed_precision]
-    launch += ["--cpu"] if gpus == 0 else (["--multi_gpu"] if processes > 1 else [])
+    accelerate_config = os.environ.get(ACCELERATE_CONFIG_ENV)
+    if accelerate_config:
+        launch = accelerate_config_launch(Path(accelerate_config), gpus, num_processes)
+    else:
+        processes = num_processes or max(1, gpus)
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1"]
+        launch += ["--dynamo_backend", "no", "--mixed_precision", "no" if gpus == 0 else project.config.mixed_precision]
+        launch += ["--cpu"] if gpus == 0 else (["--multi_gpu"] if processes > 1 else [])
     command = launch + [
         "-m", "trainer.train",
         "--config", str(project.config_path),
@@ -121,6 +130,19 @@ def training_command(
     for key, value in (tags or {}).items():
         command += ["--tag", f"{key}={value}"]
     return command
+
+
+def accelerate_config_launch(config_file: Path, gpus: int, num_processes: int | None = None) -> list[str]:
+    """`accelerate launch --config_file`; unless the file fixes num_processes, one process per GPU on each of its machines."""
+    import yaml
+
+    if not config_file.is_file():
+        raise ConfigError(f"{ACCELERATE_CONFIG_ENV}={config_file}: no such accelerate config file")
+    settings = yaml.safe_load(config_file.read_text()) or {}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file.resolve())]
+    if num_processes or not settings.get("num_processes"):
+        launch += ["--num_processes", str(num_processes or max(1, gpus) * int(settings.get("num_machines") or 1))]
+    return launch
 
 
 def training_env(project: Project) -> dict[str, str]:

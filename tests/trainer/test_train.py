@@ -144,3 +144,14 @@ def test_training_with_scheduled_sampling_runs(demo_root, tmp_path):
     project = prepare_small_project(tmp_path, demo_root, max_train_steps=3, scheduled_sampling_probability=1.0)
     result = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
     assert result.steps == 3
+
+
+def test_latest_resumes_an_interrupted_run_but_not_a_finished_one(demo_root, tmp_path):
+    """Re-materialising after a finished run (say, new pairs arrived) trains again from scratch."""
+    from trainer.train import run_training
+
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=3, resume_from_checkpoint="latest")
+    first = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
+    again = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
+    assert first.steps == again.steps == 3
+    assert again.loss_history == first.loss_history  # same seed, same data: the same run again, not a no-op
