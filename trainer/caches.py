@@ -19,10 +19,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from trainer.conditioning import encode_image_latents, encode_prompt, preprocess_target, prepare_references
+from trainer.conditioning import (
+    crop_like_target,
+    encode_image_latents,
+    encode_prompt,
+    preprocess_target,
+    prepare_references,
+)
 from trainer.config import TrainConfig
 from trainer.dataset_config import DatasetConfig
-from trainer.images import bucket_size, load_rgb
+from trainer.images import load_rgb
 from trainer.io import atomic_write_with
 from trainer.models import compute_dtype, default_device, load_pipeline
 from trainer.pairing import reference_paths
@@ -56,7 +62,22 @@ def target_size(dataset_config: DatasetConfig, row) -> tuple[int, int]:
     """The (width, height) bucket of a sample's target image (from its header, EXIF-aware)."""
     entry = dataset_config.by_id(row["dataset_id"])
     width, height = int(row["target_width"]), int(row["target_height"])  # probed when the manifest was built
-    return bucket_size(width, height, entry.resolution, entry.resolution_type)
+    return entry.bucket(width, height)
+
+
+def strict_references(dataset_config: DatasetConfig, config: TrainConfig, row) -> tuple[bool, ...]:
+    """Per reference of the row: is it `reference_strict` (cropped and resized like its target)?"""
+    tset = dataset_config.training_set(dataset_config.by_id(row["dataset_id"]), config.flavour)
+    return tuple(entry.conditioning_type == "reference_strict" for entry in tset.references[: int(row["n_references"])])
+
+
+def load_references(pipe, dataset_config: DatasetConfig, config: TrainConfig, row) -> list:
+    """The row's reference images; strict ones cropped to the target's bucket, as the target is."""
+    size = target_size(dataset_config, row)
+    return [
+        crop_like_target(pipe, load_rgb(path), size) if strict else load_rgb(path)
+        for path, strict in zip(reference_paths(row), strict_references(dataset_config, config, row))
+    ]
 
 
 @dataclass(frozen=True)
@@ -99,18 +120,23 @@ def _random_reference(dataset_config: DatasetConfig, config: TrainConfig, row) -
 
 
 def text_key(config: TrainConfig, dataset_config: DatasetConfig, row) -> CacheKey:
-    # the VL encoder sees references at fixed sizes, so the target's size is not an input here
+    strict = strict_references(dataset_config, config, row)
     settings = _settings(
         "text", config,
         caption=row["caption"],
         dropout=config.caption_dropout_probability > 0,
         per_reference=_random_reference(dataset_config, config, row),
+        strict=strict,
+        # the VL encoder sees references at fixed sizes: the target's size matters only through strict crops
+        target_size=target_size(dataset_config, row) if any(strict) else None,
     )
     return CacheKey(settings, tuple(reference_paths(row)))
 
 
 def vae_key(config: TrainConfig, dataset_config: DatasetConfig, row) -> CacheKey:
-    settings = _settings("vae", config, target_size=target_size(dataset_config, row))
+    settings = _settings(
+        "vae", config, target_size=target_size(dataset_config, row), strict=strict_references(dataset_config, config, row)
+    )
     return CacheKey(settings, (row["target_path"], *reference_paths(row)))
 
 
@@ -189,7 +215,7 @@ def build_text_cache(
         nonlocal pipe
         pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, vae=False)
         size = target_size(dataset_config, row) if config.model_kwargs.match_target_res else None
-        images = [load_rgb(p) for p in reference_paths(row)]
+        images = load_references(pipe, dataset_config, config, row)
         refs = prepare_references(pipe, config.flavour, images, size)
         tensors = {}
         tensors["prompt_embeds"], tensors["prompt_embeds_mask"] = encode_prompt(pipe, config.flavour, row["caption"], refs)
@@ -223,7 +249,7 @@ def build_vae_cache(
         pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, text_encoder=False)
         size = target_size(dataset_config, row)
         refs = prepare_references(
-            pipe, config.flavour, [load_rgb(p) for p in reference_paths(row)],
+            pipe, config.flavour, load_references(pipe, dataset_config, config, row),
             size if config.model_kwargs.match_target_res else None,
         )
         tensors = {"target": encode_image_latents(pipe, preprocess_target(pipe, load_rgb(row["target_path"]), size))}

@@ -38,10 +38,14 @@ def _load(args: argparse.Namespace):
         ensure_demo(args.root)
         project = load_project(config, data, args.root, overrides)
         overrides = {**real_model_overrides(project.config), **overrides}
-        return load_project(config, data, args.root, overrides), overrides
-    if args.config is None:
+        project = load_project(config, data, args.root, overrides)
+    elif args.config is None:
         raise QwenEditError("give example=NAME or --config config.json")
-    return load_project(args.config, args.data, args.root, overrides), overrides
+    else:
+        project = load_project(args.config, args.data, args.root, overrides)
+    for note in project.notes:
+        print(f"note: {note}")
+    return project, overrides
 
 
 def real_model_overrides(config) -> dict:

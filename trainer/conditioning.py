@@ -70,6 +70,12 @@ def preprocess_target(pipe, target: Image.Image, size: tuple[int, int]) -> torch
     return pipe.image_processor.preprocess(target, height, width, resize_mode="crop").unsqueeze(2)
 
 
+def crop_like_target(pipe, reference: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A `reference_strict` reference, resized and centre-cropped exactly as `preprocess_target` does its target."""
+    width, height = size
+    return pipe.image_processor.resize(reference, height, width, resize_mode="crop")
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[B, 16, h, w] -> [B, h/2 * w/2, 64] tokens, with the pipeline's packing."""
     batch, channels, height, width = latents.shape

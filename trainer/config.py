@@ -1,8 +1,9 @@
 """The training config (`config.json`): one typed schema, the single source of truth for every key.
 
 Users bring SimpleTuner-style JSON: `//` comments are allowed and keys may carry SimpleTuner's
-`--` prefix. Unknown keys and bad values are errors that name the key, the value and the
-closest valid option.
+`--` prefix. SimpleTuner keys with no counterpart here are accepted with a note when harmless
+(`trainer.simpletuner_keys`). Unknown keys and bad values are errors that name the key, the
+value and the closest valid option.
 """
 
 import math
@@ -11,10 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import json5
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from trainer.errors import ConfigError, suggest
 from trainer.flavours import FLAVOURS, FlavourName, get_flavour
+from trainer.images import CropAspect, ResolutionType
+from trainer.simpletuner_keys import DATASET_DEFAULT_KEYS, TRAIN_KEYS, translate
 
 BaseModelPrecision = Literal[
     "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb"
@@ -36,6 +39,8 @@ _FIXED_CHOICES = {
     "model_type": ("lora",),
     "model_family": ("qwen_image",),
     "ema_device": ("cpu", "accelerator"),
+    "resolution_type": ResolutionType.__args__,
+    "crop_aspect": CropAspect.__args__,
 }
 
 
@@ -61,6 +66,11 @@ class TrainConfig(BaseModel):
     data_backend_config: str | None = None
     eval_dataset_id: str | None = None
     caption_dropout_probability: float = Field(0.0, ge=0.0, le=1.0)
+    # SimpleTuner's global defaults for every dataset entry that does not set its own
+    resolution: float | None = Field(None, gt=0)
+    resolution_type: ResolutionType | None = None
+    minimum_image_size: float | None = Field(None, ge=0)
+    crop_aspect: CropAspect | None = None
 
     # optimisation
     train_batch_size: int = Field(1, ge=1)
@@ -114,6 +124,8 @@ class TrainConfig(BaseModel):
     tracker_project_name: str = "qwen-edit"
     tracker_run_name: str | None = None
 
+    _notes: tuple[str, ...] = PrivateAttr(default=())  # SimpleTuner keys read without effect
+
     @field_validator("validation_resolution", mode="before")
     @classmethod
     def _parse_resolution(cls, value: Any) -> str:
@@ -146,6 +158,16 @@ class TrainConfig(BaseModel):
     @property
     def flavour(self):
         return get_flavour(self.model_flavour)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What parsing noted (SimpleTuner keys without effect here), for the user to see."""
+        return self._notes
+
+    @property
+    def dataset_defaults(self) -> dict[str, Any]:
+        """Values every dataset entry inherits unless it sets its own (SimpleTuner's globals)."""
+        return {key: getattr(self, key) for key in DATASET_DEFAULT_KEYS if getattr(self, key) is not None}
 
     @property
     def model_path(self) -> str:
@@ -189,11 +211,16 @@ def parse_train_config(raw: dict[str, Any], source: str = "config") -> TrainConf
     """Validate a dict into a TrainConfig; errors name the key, the value and the fix."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object of config keys, got {type(raw).__name__}")
-    raw = _strip_cli_prefix(raw)
+    translated = translate(_strip_cli_prefix(raw), TRAIN_KEYS, source, aliases=True)
     try:
-        return TrainConfig.model_validate(raw)
+        config = TrainConfig.model_validate(translated.raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source, raw, TrainConfig)) from None
+        problems = validation_problems(exc, translated.raw, TrainConfig) + translated.problems
+        raise ConfigError(problems_message(source, problems)) from None
+    if translated.problems:
+        raise ConfigError(problems_message(source, translated.problems))
+    config._notes = tuple(translated.notes)
+    return config
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -213,14 +240,18 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     raw[leaf] = value
 
 
-def format_validation_error(
+def problems_message(source: str, problems: list[str]) -> str:
+    return f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def validation_problems(
     exc: ValidationError,
-    source: str,
     raw: dict[str, Any],
     model: type[BaseModel],
     choices: dict[str, tuple[str, ...]] = _FIXED_CHOICES,
-) -> str:
-    lines = [f"{source}: {exc.error_count()} problem(s):"]
+) -> list[str]:
+    """One line per pydantic error, naming the key, the value and the fix."""
+    lines = []
     for error in exc.errors():
         location = ".".join(str(part) for part in error["loc"]) or "(config)"
         key = str(error["loc"][0]) if error["loc"] else ""
@@ -228,14 +259,14 @@ def format_validation_error(
         if error["type"] == "extra_forbidden":
             nested = _nested_model(model, error["loc"])
             name = str(error["loc"][-1])
-            lines.append(f"  - unknown key {location!r}: {suggest(name, nested.model_fields, list_all=False)}")
+            lines.append(f"unknown key {location!r}: {suggest(name, nested.model_fields, list_all=False)}")
         elif key in choices and error["type"] in ("literal_error", "enum"):
-            lines.append(f"  - {location}={value!r} is not valid: {suggest(str(value), choices[key])}")
+            lines.append(f"{location}={value!r} is not valid: {suggest(str(value), choices[key])}")
         else:
             message = error["msg"].removeprefix("Value error, ")
             shown = f"={value!r}" if key in raw and not isinstance(value, dict) else ""
-            lines.append(f"  - {location}{shown}: {message}")
-    return "\n".join(lines)
+            lines.append(f"{location}{shown}: {message}")
+    return lines
 
 
 def _nested_model(model: type[BaseModel], loc: tuple) -> type[BaseModel]:

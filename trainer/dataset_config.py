@@ -2,7 +2,10 @@
 
 Entries are SimpleTuner's: `image` datasets hold edit targets (+ captions), `conditioning`
 datasets hold references with matching file names, `conditioning_image_embeds` and
-`text_embeds` entries name cache locations.
+`text_embeds` entries name cache locations. SimpleTuner fields with no counterpart here are
+accepted with a note when harmless (`trainer.simpletuner_keys`); the training config's
+global `resolution`, `resolution_type`, `minimum_image_size` and `crop_aspect` are defaults
+for entries that do not set their own.
 """
 
 from dataclasses import dataclass, field
@@ -11,19 +14,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trainer.config import format_validation_error, read_json_with_comments
+from trainer.config import problems_message, read_json_with_comments, validation_problems
 from trainer.errors import ConfigError, suggest
 from trainer.flavours import Flavour
+from trainer.images import CropAspect, ResolutionType, bucket_size
+from trainer.simpletuner_keys import DATASET_KEYS, translate
 
 DatasetType = Literal["image", "conditioning", "conditioning_image_embeds", "text_embeds"]
 CaptionStrategy = Literal["textfile", "filename", "instanceprompt"]
-ResolutionType = Literal["pixel", "area", "pixel_area"]
 
 _CHOICES = {
     "type": ("local",),
     "dataset_type": DatasetType.__args__,
     "caption_strategy": CaptionStrategy.__args__,
     "resolution_type": ResolutionType.__args__,
+    "crop_aspect": CropAspect.__args__,
     "conditioning_type": ("reference_strict", "reference_loose"),
     "conditioning_multidataset_sampling": ("combined", "random"),
 }
@@ -41,7 +46,8 @@ class DatasetEntry(BaseModel):
     instance_prompt: str | None = None
     resolution: float = 1024
     resolution_type: ResolutionType = "pixel_area"
-    minimum_image_size: float | None = None
+    minimum_image_size: float | None = Field(None, ge=0)  # in resolution's unit; smaller targets are left out
+    crop_aspect: CropAspect = "preserve"
     conditioning_data: list[str] | str | None = None
     conditioning_image_embeds: str | None = None
     conditioning_type: Literal["reference_strict", "reference_loose"] = "reference_strict"
@@ -49,7 +55,11 @@ class DatasetEntry(BaseModel):
     cache_dir_vae: str | None = None
     cache_dir: str | None = None
     default: bool = False  # SimpleTuner: the default text-embeds entry
-    repeats: int = Field(0, ge=0)
+    repeats: int = Field(0, ge=0)  # each sample is seen 1 + repeats times per epoch
+
+    def bucket(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) a target of this dataset trains at."""
+        return bucket_size(width, height, self.resolution, self.resolution_type, self.crop_aspect)
 
     @property
     def conditioning_ids(self) -> list[str]:
@@ -76,6 +86,7 @@ class DatasetConfig:
     entries: tuple[DatasetEntry, ...]
     source: str
     base_dir: Path
+    notes: tuple[str, ...] = ()  # SimpleTuner fields read without effect
     _training_sets: dict = field(default_factory=dict, compare=False, repr=False)  # memo: hot in cache passes
 
     def by_id(self, dataset_id: str) -> DatasetEntry:
@@ -128,26 +139,38 @@ class DatasetConfig:
         return base / entry.id
 
 
-def parse_dataset_config(raw: Any, source: str, flavour: Flavour, base_dir: Path | None = None) -> DatasetConfig:
+def parse_dataset_config(
+    raw: Any, source: str, flavour: Flavour, base_dir: Path | None = None, defaults: dict[str, Any] | None = None
+) -> DatasetConfig:
+    """`defaults`: the training config's global dataset settings (`TrainConfig.dataset_defaults`)."""
     if not isinstance(raw, list):
         raise ConfigError(f"{source}: expected a JSON list of dataset entries, got {type(raw).__name__}")
-    entries = []
+    entries, notes = [], []
     for index, item in enumerate(raw):
         where = f"{source} entry {index}" + (f" (id {item.get('id')!r})" if isinstance(item, dict) and "id" in item else "")
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: expected an object, got {type(item).__name__}")
-        item = {k.removeprefix("--"): v for k, v in item.items()}
+        translated = translate({k.removeprefix("--"): v for k, v in item.items()}, DATASET_KEYS, where)
+        item = translated.raw
+        if item.get("dataset_type", "image") in ("image", "conditioning"):
+            item = {**(defaults or {}), **item}
         try:
             entries.append(DatasetEntry.model_validate(item))
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, where, item, DatasetEntry, _CHOICES)) from None
-    config = DatasetConfig(tuple(entries), source, Path(base_dir or Path.cwd()).resolve())
+            problems = validation_problems(exc, item, DatasetEntry, _CHOICES) + translated.problems
+            raise ConfigError(problems_message(where, problems)) from None
+        if translated.problems:
+            raise ConfigError(problems_message(where, translated.problems))
+        notes += translated.notes
+    config = DatasetConfig(tuple(entries), source, Path(base_dir or Path.cwd()).resolve(), tuple(notes))
     _check_references(config, flavour)
     return config
 
 
-def load_dataset_config(path: str | Path, flavour: Flavour, base_dir: Path | None = None) -> DatasetConfig:
-    return parse_dataset_config(read_json_with_comments(Path(path)), str(path), flavour, base_dir)
+def load_dataset_config(
+    path: str | Path, flavour: Flavour, base_dir: Path | None = None, defaults: dict[str, Any] | None = None
+) -> DatasetConfig:
+    return parse_dataset_config(read_json_with_comments(Path(path)), str(path), flavour, base_dir, defaults)
 
 
 def _count(low: int, high: int) -> str:

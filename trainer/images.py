@@ -6,11 +6,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
+from typing import Literal
 
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BUCKET_MULTIPLE = 32  # sides of every training size, as the pipelines round theirs
+
+ResolutionType = Literal["pixel_area", "area", "pixel"]
+CropAspect = Literal["preserve", "closest", "square"]  # SimpleTuner's names; preserve == closest here
 
 
 def is_image_file(path: Path) -> bool:
@@ -131,13 +135,17 @@ def _orientation(raw_exif: bytes | None) -> int:
     return int(exif.get(0x0112, 1))
 
 
-def bucket_size(width: int, height: int, resolution: float, resolution_type: str) -> tuple[int, int]:
+def bucket_size(
+    width: int, height: int, resolution: float, resolution_type: str, crop_aspect: str = "preserve"
+) -> tuple[int, int]:
     """(width, height) a target of this aspect ratio trains at, sides a multiple of 32.
 
     `pixel_area`: resolution is an edge, the area is resolution**2 (SimpleTuner's default);
     `area`: resolution is in megapixels; `pixel`: resolution is the shorter edge.
+    `crop_aspect` 'square' trains every image square (centre-cropped); otherwise the aspect
+    ratio is kept, up to the rounding of the sides.
     """
-    ratio = width / height
+    ratio = 1.0 if crop_aspect == "square" else width / height
     if resolution_type == "pixel":
         short = resolution
         w, h = (short * ratio, short) if ratio >= 1 else (short, short / ratio)
@@ -146,6 +154,15 @@ def bucket_size(width: int, height: int, resolution: float, resolution_type: str
         w = math.sqrt(area * ratio)
         h = w / ratio
     return _round_side(w), _round_side(h)
+
+
+def image_size_measure(width: int, height: int, resolution_type: str) -> float:
+    """An image's size in the unit of `resolution` (and `minimum_image_size`) for this resolution_type."""
+    if resolution_type == "pixel":
+        return float(min(width, height))
+    if resolution_type == "area":
+        return width * height / (1024 * 1024)
+    return math.sqrt(width * height)
 
 
 def _round_side(value: float) -> int:

@@ -17,7 +17,7 @@ from pandera.typing import Series
 from trainer.dataset_config import DatasetConfig, DatasetEntry, TrainingSet
 from trainer.errors import DataError
 from trainer.flavours import Flavour
-from trainer.images import IMAGE_SUFFIXES, bucket_size, is_image_file, probe_image, probe_images
+from trainer.images import IMAGE_SUFFIXES, image_size_measure, is_image_file, probe_image, probe_images
 
 ASPECT_TOLERANCE = 0.02  # reference_strict: |log(aspect ratio / target's)| above this is an error
 IGNORED_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md"}
@@ -163,6 +163,8 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
             report.warnings.append(f"{files[stem]}: reference with no target image of the same name in {tset.target_dir}")
     rows = []
     for stem, target_path in sorted(targets.items()):
+        if _below_minimum_size(entry, target_path, report):
+            continue
         target_name = os.path.basename(target_path)
         references = [
             files.get(stem) or os.path.join(str(ref_dir), target_name) for files, ref_dir in zip(reference_files, tset.reference_dirs)
@@ -185,6 +187,21 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
     return rows
 
 
+def _below_minimum_size(entry: DatasetEntry, target_path: str, report: PairingReport) -> bool:
+    """SimpleTuner's minimum_image_size: smaller targets are left out, with a warning naming each."""
+    probe = probe_image(target_path)
+    if not entry.minimum_image_size or probe.error is not None:
+        return False
+    size = image_size_measure(probe.width, probe.height, entry.resolution_type)
+    if size >= entry.minimum_image_size:
+        return False
+    report.warnings.append(
+        f"{target_path}: {probe.width}x{probe.height} is below minimum_image_size {entry.minimum_image_size:g} "
+        f"({entry.resolution_type}) of dataset {entry.id!r}; left out"
+    )
+    return True
+
+
 def _check_quality(tset: TrainingSet, rows: list[dict], scans: dict[Path, FolderScan], report: PairingReport) -> None:
     """Beyond pairing: conversions done on load, small images, strict references of another shape, odd files."""
     entry = tset.target
@@ -198,7 +215,7 @@ def _check_quality(tset: TrainingSet, rows: list[dict], scans: dict[Path, Folder
         for note in target.notes:
             report.warnings.append(f"{row['target_path']}: {note}")
         if target.error is None:
-            bucket = bucket_size(target.width, target.height, entry.resolution, entry.resolution_type)
+            bucket = entry.bucket(target.width, target.height)
             if target.width * target.height < 0.5 * bucket[0] * bucket[1]:
                 report.warnings.append(
                     f"{row['target_path']}: {target.width}x{target.height} is well below the training size "

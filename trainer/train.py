@@ -147,6 +147,15 @@ class TrainResult:
         }
 
 
+def training_samples(manifest, dataset_config: DatasetConfig, config: TrainConfig) -> list[tuple[str, SamplePaths]]:
+    """One epoch's samples: each training row 1 + its dataset's `repeats` times."""
+    samples = []
+    for row in manifest[manifest["split"] == "train"].to_dict("records"):
+        copies = 1 + dataset_config.by_id(row["dataset_id"]).repeats
+        samples += [(row["name"], sample_paths(dataset_config, config, row))] * copies
+    return samples
+
+
 class LoraTrainingRecipe:
     """setup -> train -> save -> cleanup, in the manner of torchtune's recipes."""
 
@@ -158,9 +167,7 @@ class LoraTrainingRecipe:
         manifest = read_manifest(manifest_path)
         self.manifest = manifest
         self.data_version = manifest_version(manifest_path)
-        self.samples: list[tuple[str, SamplePaths]] = [
-            (row["name"], sample_paths(dataset_config, config, row)) for _, row in manifest.iterrows() if row["split"] == "train"
-        ]
+        self.samples = training_samples(manifest, dataset_config, config)
         self.output_dir = dataset_config.resolve(config.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
 

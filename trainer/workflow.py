@@ -36,6 +36,11 @@ class Project:
         return self.dataset_config.resolve(self.config.output_dir)
 
     @property
+    def notes(self) -> tuple[str, ...]:
+        """SimpleTuner keys of either config that were read without effect."""
+        return self.config.notes + self.dataset_config.notes
+
+    @property
     def manifest_path(self) -> Path:
         return self.output_dir / MANIFEST_NAME
 
@@ -58,7 +63,7 @@ def load_project(config_path: Path, data_path: Path | None = None, root: Path | 
         data_path = Path(config.data_backend_config)
     data_path = _under(root, Path(data_path))
     config = with_local_model_path(config, root)
-    dataset_config = load_dataset_config(data_path, config.flavour, base_dir=root)
+    dataset_config = load_dataset_config(data_path, config.flavour, base_dir=root, defaults=config.dataset_defaults)
     if config.eval_dataset_id is not None:
         entry = dataset_config.by_id(config.eval_dataset_id)
         if entry.dataset_type != "image":

@@ -30,6 +30,8 @@ def pairing_manifest_asset(raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
                 description=str(exc),
                 metadata={"problems": dg.MetadataValue.md(exc.report.to_markdown()), "errors": len(exc.report.errors)},
             ) from None
+        for note in loaded.notes:
+            context.log.info(note)
         counts = manifest["split"].value_counts().to_dict()
         yield dg.Output(
             manifest,
@@ -37,6 +39,7 @@ def pairing_manifest_asset(raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
                 "train_pairs": int(counts.get("train", 0)),
                 "eval_pairs": int(counts.get("eval", 0)),
                 "warnings": len(report.warnings),
+                "config_notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in loaded.notes) or "none"),
                 "manifest_path": dg.MetadataValue.path(str(loaded.manifest_path)),
                 "preview": dg.MetadataValue.md(_preview(manifest)),
             },

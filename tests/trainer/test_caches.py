@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -70,6 +71,7 @@ class Project:
     model: Path
     references: tuple[str, ...] = ("reference", "reference_2")
     resolution: int = RESOLUTION
+    loose: tuple[str, ...] = ()  # conditioning datasets with conditioning_type reference_loose (others: strict)
 
     def __post_init__(self):
         self.demo = generate_demo_dataset(self.root / "data", n_train=4, n_eval=1, size=IMAGE_SIZE)
@@ -90,7 +92,12 @@ class Project:
                 "cache_dir_vae": str(self.vae_dir),
             },
             *(
-                {"id": name, "dataset_type": "conditioning", "instance_data_dir": str(self.folder(name))}
+                {
+                    "id": name,
+                    "dataset_type": "conditioning",
+                    "instance_data_dir": str(self.folder(name)),
+                    "conditioning_type": "reference_loose" if name in self.loose else "reference_strict",
+                }
                 for name in ("reference", "reference_2")
             ),
             {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "cache_dir": str(self.root / "cache" / "text")},
@@ -251,6 +258,29 @@ def test_changing_the_dataset_resolution_re_encodes_every_latent_at_the_new_buck
     assert counts(cached.build_vae()) == (4, 0, 0)
     latents = load_file(str(cached.vae_dir / "0000.safetensors"))
     assert latents["target"].shape == latents["reference_0"].shape == (16, 4, 4)  # 32 px / 8
+
+
+def test_a_strict_reference_is_cropped_and_resized_like_its_target_and_a_loose_one_is_left_alone(cached):
+    """reference_strict: the target's bucket crop comes before the pipeline's own reference sizing."""
+    from trainer.caches import load_references
+    from trainer.models import load_pipeline
+
+    wide = np.random.default_rng(0).integers(0, 255, (2 * IMAGE_SIZE, 2 * IMAGE_SIZE + 1, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(cached.folder("reference") / "0000.png")  # 1.6% wider than its 32 x 32 target
+    pipe = load_pipeline(cached.config, CPU, torch.float32, transformer=False, text_encoder=False)
+    row = cached.manifest().iloc[0]
+    assert row["name"] == "0000"
+
+    strict = load_references(pipe, cached.dataset_config, cached.config, row)
+    assert [image.size for image in strict] == [(RESOLUTION, RESOLUTION)] * 2  # the target's bucket
+    cropped = np.asarray(strict[0])
+    assert any(np.array_equal(cropped, wide[:, left : left + 2 * IMAGE_SIZE]) for left in (0, 1))  # one column off, no rescale
+
+    cached.loose = ("reference",)
+    loose = load_references(pipe, cached.dataset_config, cached.config, row)
+    assert [image.size for image in loose] == [(2 * IMAGE_SIZE + 1, 2 * IMAGE_SIZE), (RESOLUTION, RESOLUTION)]
+    assert np.array_equal(np.asarray(loose[0]), wide)
+    assert counts(cached.build_vae()) == (4, 0, 0)  # how references are prepared is part of every cache key
 
 
 # --- damaged files --------------------------------------------------------------------------------

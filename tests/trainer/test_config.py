@@ -13,6 +13,7 @@ from trainer.cli import DEMO_DIR
 from trainer.config import TrainConfig, load_train_config, parse_override, parse_train_config
 from trainer.dataset_config import load_dataset_config
 from trainer.errors import ConfigError
+from trainer.simpletuner_keys import DATASET_DEFAULT_KEYS
 from trainer.workflow import EXAMPLES_DIR
 
 EXAMPLES = sorted(p.name for p in EXAMPLES_DIR.iterdir() if (p / "config.json").is_file())
@@ -87,6 +88,7 @@ def test_the_spec_key_lists_cover_the_whole_schema_except_documented_extras():
     extras = {
         "max_grad_norm", "ema_decay", "validation_seed", "tracker_project_name", "tracker_run_name",
         "scheduled_sampling_probability", "scheduled_sampling_max_step_offset", "scheduled_sampling_steps",
+        *DATASET_DEFAULT_KEYS,  # tests/trainer/test_simpletuner_keys.py
     }  # fmt: skip
     assert set(TrainConfig.model_fields) == set(GUIDE_KEYS) | set(SIMPLETUNER_KEYS) | extras
 

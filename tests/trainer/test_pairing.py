@@ -167,6 +167,16 @@ def test_a_dataset_whose_only_image_dataset_is_the_eval_one_has_no_training_samp
         build_manifest(config, V2, eval_dataset_id="eval")
 
 
+def test_targets_below_minimum_image_size_are_left_out_each_named_in_a_warning(demo):
+    from PIL import Image
+
+    small = demo.folder("train", "edited") / "0002.png"
+    Image.open(small).resize((16, 16)).save(small)  # √area 16 < 24; the others are 32 x 32
+    manifest, report = build_manifest(dataset_config(demo, minimum_image_size=24), V2, eval_dataset_id="eval")
+    assert list(manifest[manifest["split"] == "train"]["name"]) == ["0000", "0001", "0003"]
+    assert report.warnings == [f"{small}: 16x16 is below minimum_image_size 24 (pixel_area) of dataset 'edits'; left out"]
+
+
 # --- caption strategies --------------------------------------------------------------------------
 
 
@@ -217,6 +227,12 @@ def test_bucket_sides_are_multiples_of_32_and_keep_the_aspect_ratio(resolution_t
     else:
         area = resolution**2 if resolution_type == "pixel_area" else resolution * 1024 * 1024
         assert w * h == pytest.approx(area, rel=0.06)
+
+
+def test_crop_aspect_square_trains_every_target_square_at_the_same_area():
+    assert bucket_size(1920, 1080, 1024, "pixel_area", crop_aspect="square") == (1024, 1024)
+    assert bucket_size(600, 900, 512, "pixel", crop_aspect="square") == (512, 512)
+    assert bucket_size(1920, 1080, 1024, "pixel_area", crop_aspect="closest") == bucket_size(1920, 1080, 1024, "pixel_area")
 
 
 def test_bucket_examples():

@@ -56,6 +56,21 @@ def test_an_interrupted_run_resumes_to_the_same_weights(demo_root, tmp_path):
         assert (expected[key] - actual[key]).abs().max() < 1e-6, key
 
 
+def test_repeats_show_each_sample_of_its_dataset_1_plus_repeats_times_per_epoch(demo_root, tmp_path):
+    from trainer.train import training_samples
+
+    config_path, data_path = write_small_project(tmp_path, demo_root / "demo" / "models", num_train_epochs=1, max_train_steps=0)
+    entries = json.loads(data_path.read_text())
+    entries[0]["repeats"] = 2
+    data_path.write_text(json.dumps(entries))
+    project = load_project(config_path, data_path, tmp_path)
+    manifest, _ = check_data(project)
+    samples = training_samples(manifest, project.dataset_config, project.config)
+    names = list(manifest[manifest["split"] == "train"]["name"])
+    assert sorted(name for name, _ in samples) == sorted(names * 3)
+    assert project.config.resolved_max_train_steps(len(samples)) == 3 * len(names)  # an epoch counts the repeats
+
+
 def test_checkpoints_rotate_to_the_limit(demo_root, tmp_path):
     project = prepare_small_project(tmp_path, demo_root, max_train_steps=8, checkpointing_steps=2, checkpoints_total_limit=2)
     process = _launch(project)
