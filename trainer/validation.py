@@ -26,6 +26,7 @@ from trainer.pairing import reference_paths
 from trainer.sampling import EditConditioning, generate_latents
 
 MAX_TRAIN_ROWS_WITHOUT_EVAL = 4
+PROMPT_ROW = "validation_prompt"  # the row that edits with the config's validation_prompt
 
 
 @dataclass
@@ -160,6 +161,8 @@ def validate(pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, s
     rows_df, split = validation_rows(manifest)
     width, height = config.validation_size
     rows = [ValidationRow(r["name"], r["caption"], reference_paths(r), r["target_path"]) for _, r in rows_df.iterrows()]
+    if config.validation_prompt and rows:  # the user's own instruction on the first pair's references
+        rows.append(ValidationRow(PROMPT_ROW, config.validation_prompt, list(rows[0].references), target=""))
     conditioning = {
         row.name: encode_conditioning(pipe, config, row.caption, [load_rgb(p) for p in row.references])
         for row in tqdm(rows, desc="validation: encoding", unit="pair")
@@ -170,19 +173,23 @@ def validate(pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, s
         for row in tqdm(rows, desc=f"validation: {stage} edits", unit="pair"):
             outputs[(stage, row.name)] = edit_latents(pipe, config, conditioning[row.name])
     for row in rows:
-        target = load_rgb(row.target).resize((width, height))
-        target_tokens = pack(encode_image_latents(pipe, preprocess_target(pipe, load_rgb(row.target), (width, height)))[None])
         row.references = [_copy_image(p, out_dir / "images" / f"{row.name}_reference_{i + 1}.png") for i, p in enumerate(row.references)]
-        row.target = _copy_image(row.target, out_dir / "images" / f"{row.name}_target.png")
+        images = {}
         for stage in stages:
-            tokens = outputs[(stage, row.name)]
-            image = decode_latents(pipe, tokens, width, height)
+            images[stage] = decode_latents(pipe, outputs[(stage, row.name)], width, height)
             path = out_dir / "images" / f"{row.name}_{stage}.png"
-            image.save(path)
+            images[stage].save(path)
             setattr(row, f"{stage}_image", str(path))
-            row.metrics[f"{stage}_latent_mse"] = float(torch.mean((tokens.float().cpu() - target_tokens.float().cpu()) ** 2))
-            row.metrics[f"{stage}_psnr"] = psnr(target, image)
-    summary = {key: float(np.mean([r.metrics[key] for r in rows])) for key in (rows[0].metrics if rows else {})}
+        if row.target:  # the validation_prompt row has no target to be scored against
+            target = load_rgb(row.target).resize((width, height))
+            target_tokens = pack(encode_image_latents(pipe, preprocess_target(pipe, load_rgb(row.target), (width, height)))[None])
+            row.target = _copy_image(row.target, out_dir / "images" / f"{row.name}_target.png")
+            for stage in stages:
+                tokens = outputs[(stage, row.name)]
+                row.metrics[f"{stage}_latent_mse"] = float(torch.mean((tokens.float().cpu() - target_tokens.float().cpu()) ** 2))
+                row.metrics[f"{stage}_psnr"] = psnr(target, images[stage])
+    scored = [r for r in rows if r.metrics]
+    summary = {key: float(np.mean([r.metrics[key] for r in scored])) for key in (scored[0].metrics if scored else {})}
     grid = write_grid(rows, out_dir / "validation_grid.png", cell=max(96, min(256, width)))
     html = write_html(rows, out_dir / "report.html", config, split, summary)
     report = ValidationReport(rows, html, grid, summary, split)
