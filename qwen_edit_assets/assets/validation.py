@@ -31,7 +31,7 @@ def validation_report(context: dg.AssetExecutionContext, project: QwenEditProjec
         log_to_mlflow(report, summary["mlflow_run_id"], tracking_uri(loaded.root))
     metadata = {
         "report": dg.MetadataValue.path(str(report.html_path)),
-        "pairs": len(report.rows),
+        "pairs": sum(1 for row in report.rows if row.target),  # the validation_prompt row has no target
         "source_split": report.source_split,
         "grid": image_markdown(report.grid_path, "reference(s) | base | LoRA | target"),
         **{key: dg.MetadataValue.float(value) for key, value in report.summary.items()},
