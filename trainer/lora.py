@@ -8,6 +8,8 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from trainer.sharding import full_tensor
+
 # The MMDiT's attention projections of both streams, as diffusers' Qwen-Image LoRA script targets.
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -29,7 +31,9 @@ def add_lora(transformer, rank: int, alpha: float, seed: int) -> list[torch.nn.P
 
 
 def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    """The adapter's weights as full CPU tensors. Under FSDP each is gathered from its shards:
+    a collective, so every rank calls this."""
+    return {k: full_tensor(v).detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
 
 
 def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor]) -> None:
@@ -44,18 +48,18 @@ def adapter_metadata(transformer) -> dict:
     return transformer.peft_config["default"].to_dict()
 
 
-def save_lora(pipeline_cls, transformer, out_dir: Path) -> Path:
-    """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(out_dir)` loads."""
+def save_lora(pipeline_cls, layers: dict[str, torch.Tensor], metadata: dict, out_dir: Path) -> Path:
+    """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(out_dir)` loads.
+
+    `layers` is `lora_state_dict(transformer)` and `metadata` `adapter_metadata(transformer)`:
+    gathered on every rank, written by one.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saving-") as tmp:  # rename = atomic
-        pipeline_cls.save_lora_weights(
-            tmp,
-            transformer_lora_layers=lora_state_dict(transformer),
-            transformer_lora_adapter_metadata=adapter_metadata(transformer),
-        )
+        pipeline_cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
         os.replace(Path(tmp) / LORA_WEIGHTS_NAME, out_dir / LORA_WEIGHTS_NAME)
-    export_comfyui(out_dir / LORA_WEIGHTS_NAME, out_dir / COMFYUI_WEIGHTS_NAME, adapter_metadata(transformer)["lora_alpha"])
+    export_comfyui(out_dir / LORA_WEIGHTS_NAME, out_dir / COMFYUI_WEIGHTS_NAME, metadata["lora_alpha"])
     return out_dir / LORA_WEIGHTS_NAME
 
 

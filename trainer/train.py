@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import parse_flag_from_env
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
@@ -28,11 +30,13 @@ from trainer.config import TrainConfig, parse_override
 from trainer.dataset_config import DatasetConfig
 from trainer.errors import ConfigError, DataError
 from trainer.flow_matching import add_noise, sample_sigma, velocity_target
-from trainer.lora import add_lora, load_lora_state_dict, lora_state_dict, save_lora
+from trainer.lora import LORA_WEIGHTS_NAME, adapter_metadata, add_lora, load_lora_state_dict, lora_state_dict, save_lora
+from trainer.memory import OffloadActivations, offload_optimizer_state, use_expandable_segments
 from trainer.models import load_transformer
 from trainer.pairing import read_manifest
 from trainer.quantization import quantize_transformer
 from trainer.reporting import Reporter, open_reporter
+from trainer.sharding import full_optimizer_state, load_optimizer_state
 from trainer.tracking import ensure_experiment, manifest_version, run_tags, run_url, tracking_uri
 
 SUMMARY_NAME = "training_summary.json"
@@ -110,6 +114,53 @@ def micro_step_generator(seed: int, micro_step: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(hash((seed, micro_step, rank)) & 0x7FFF_FFFF_FFFF)
 
 
+SHARED_RANK = -1  # micro_step_generator's stream that every rank draws alike
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    on_cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision="no" if on_cpu else config.mixed_precision,
+        cpu=on_cpu,
+        # the last block's text-stream LoRA layers get no gradient (their output is discarded)
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate shards only on accelerators: elsewhere it would quietly train unsharded
+        raise ConfigError(
+            f"the accelerate config asks for FSDP, but accelerate runs FSDP on GPUs only and would train "
+            f"{accelerator.distributed_type.value} (unsharded) here; use config/accelerate/ddp.yaml on this machine"
+        )
+    return accelerator
+
+
+def check_fsdp_config(config: TrainConfig) -> None:
+    """Refuse, before any model is loaded, the settings that cannot run on a sharded transformer."""
+    if config.base_model_precision != "no_change":
+        raise ConfigError(
+            f"base_model_precision {config.base_model_precision!r} cannot be sharded by FSDP (quantised weights are "
+            "not plain tensors); set base_model_precision 'no_change', or keep the quantised base with "
+            "config/accelerate/ddp.yaml (it fits one card)"
+        )
+    if config.use_ema:
+        raise ConfigError(
+            "use_ema is not supported with FSDP (the EMA copy of the LoRA is not sharded); set use_ema false, "
+            "or use config/accelerate/ddp.yaml"
+        )
+    if config.offload_optimizer_state:
+        raise ConfigError(
+            "offload_optimizer_state is not supported with FSDP (it shards the optimizer state across the cards "
+            "already); set offload_optimizer_state false, or keep it with config/accelerate/ddp.yaml"
+        )
+    if config.validation_step_interval:
+        raise ConfigError(
+            "validation_step_interval is not supported with FSDP: live validation runs on rank 0 alone, and the sharded "
+            "transformer needs every rank for each forward pass; unset it (the validation_report asset and "
+            "`qwen-edit train` validate the saved LoRA after training), or use config/accelerate/ddp.yaml"
+        )
+
+
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if config.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
@@ -175,51 +226,58 @@ class LoraTrainingRecipe:
     def setup(self) -> None:
         config = self.config
         self._check_caches()
-        on_cpu = not torch.cuda.is_available()
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            mixed_precision="no" if on_cpu else config.mixed_precision,
-            cpu=on_cpu,
-            # the last block's text-stream LoRA layers get no gradient (their output is discarded)
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            raise ConfigError(
-                "FSDP is not supported yet (sharded LoRA and optimiser state are not gathered for saving); "
-                "use config/accelerate/ddp.yaml, or base_model_precision 'int8-quanto' to fit one card"
-            )
+        if torch.cuda.is_available():
+            use_expandable_segments()  # before CUDA starts: the reserved peak stays near the allocated one
+        self.accelerator = make_accelerator(config)
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded:
+            check_fsdp_config(config)
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision, torch.float32)
         transformer = load_transformer(config, self.weight_dtype)
         if config.base_model_precision not in ("no_change", "nf4-bnb"):
             quantize_transformer(transformer, config, self.accelerator.device)
-        transformer.to(self.accelerator.device)
+        if not self.sharded:  # FSDP moves each shard to its card as it shards: the whole model never lands on one
+            transformer.to(self.accelerator.device)
         params = add_lora(transformer, config.lora_rank, config.lora_scale_alpha, config.seed)
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.max_steps = config.resolved_max_train_steps(len(self.samples))
         optimizer = make_optimizer(config, params)
+        on_gpu = self.accelerator.device.type == "cuda"
+        if config.offload_optimizer_state and on_gpu:
+            offload_optimizer_state(optimizer)  # on the plain optimizer, before prepare wraps it
+        self.offload = OffloadActivations() if config.offload_activations and on_gpu else nullcontext()
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=self.max_steps
         )
-        self.transformer, self.optimizer = self.accelerator.prepare(transformer, optimizer)
-        self.params = params
-        self.ema_device = torch.device("cpu") if config.ema_device == "cpu" else self.accelerator.device
-        self.ema = EMAModel([p.detach().to(self.ema_device).clone() for p in params], decay=config.ema_decay) if config.use_ema else None
-        self.start_step, self.loss_history = 0, []
-        resume = ckpt.resolve_resume(self.checkpoint_root, config.resume_from_checkpoint)
-        state = ckpt.load_checkpoint(resume) if resume is not None else None
-        if state is not None and not self._resumable(state):
-            resume = state = None
+        self.resumed_from, state = self._checkpoint_to_resume()
         if state is not None:
-            load_lora_state_dict(self.accelerator.unwrap_model(self.transformer), state.lora)
-            self.optimizer.load_state_dict(state.optimizer)
-            self.lr_scheduler.load_state_dict(state.lr_scheduler)
-            self.start_step, self.loss_history = state.step, list(state.loss_history)
-            if self.ema is not None and state.ema is not None:
-                self.ema.shadow_params = [state.ema[f"ema.{i}"].to(self.ema_device) for i in range(len(params))]
-                self.ema.optimization_step = state.ema_step
-        self.resumed_from = resume
+            load_lora_state_dict(transformer, state.lora)  # full tensors, before prepare shards them
+        self.transformer, self.optimizer = self.accelerator.prepare(transformer, optimizer)
+        # FSDP2 replaces the parameters by sharded DTensors: clip, average and save those
+        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        self.ema_device = torch.device("cpu") if config.ema_device == "cpu" else self.accelerator.device
+        self.ema = EMAModel([p.detach().to(self.ema_device).clone() for p in self.params], decay=config.ema_decay) if config.use_ema else None
+        self.start_step, self.loss_history = 0, []
+        if state is not None:
+            self._restore(state)
         self.validation_reports = []
+
+    def _checkpoint_to_resume(self) -> tuple[Path | None, ckpt.TrainingState | None]:
+        resume = ckpt.resolve_resume(self.checkpoint_root, self.config.resume_from_checkpoint)
+        state = ckpt.load_checkpoint(resume) if resume is not None else None
+        if state is None or not self._resumable(state):
+            return None, None
+        return resume, state
+
+    def _restore(self, state: ckpt.TrainingState) -> None:
+        """Optimiser, scheduler, step and EMA from a checkpoint (the LoRA is loaded before prepare)."""
+        load_optimizer_state(self.optimizer, state.optimizer)
+        self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        self.start_step, self.loss_history = state.step, list(state.loss_history)
+        if self.ema is not None and state.ema is not None:
+            self.ema.shadow_params = [state.ema[f"ema.{i}"].to(self.ema_device) for i in range(len(self.params))]
+            self.ema.optimization_step = state.ema_step
 
     def _resumable(self, state: ckpt.TrainingState) -> bool:
         """`latest` continues an interrupted run; a finished run or one on other data starts fresh."""
@@ -251,7 +309,8 @@ class LoraTrainingRecipe:
         self.transformer.train()
         reporter.log(
             f"training {self.max_steps} steps on {len(self.samples)} samples "
-            f"(accumulation {accumulation}, {world} process(es), {accelerator.device}, from step {self.start_step})"
+            f"(accumulation {accumulation}, {world} process(es){', sharded by FSDP' if self.sharded else ''}, "
+            f"{accelerator.device}, from step {self.start_step})"
         )
         for step in range(self.start_step, self.max_steps):
             losses = []
@@ -262,9 +321,12 @@ class LoraTrainingRecipe:
                 sample = conditioning_for_step(sample, config.caption_dropout_probability, generator)
                 sigma = sample_sigma(config.flow_schedule_shift, generator).to(accelerator.device)
                 noise = torch.randn((1, *sample.target.shape), generator=generator).to(accelerator.device)
-                x_t = self._scheduled_sampling_input(sample, sigma, noise, generator)
+                # under FSDP every forward pass needs every rank: whether to roll out is drawn alike on all of them
+                rollout = micro_step_generator(config.seed, micro, SHARED_RANK) if self.sharded else generator
+                x_t = self._scheduled_sampling_input(sample, sigma, noise, rollout)
                 with accelerator.accumulate(self.transformer):
-                    loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype, x_t)
+                    with self.offload:
+                        loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype, x_t)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
@@ -309,11 +371,13 @@ class LoraTrainingRecipe:
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self, step: int) -> None:
+        # every rank gathers (collectives under FSDP), rank 0 writes
+        lora, optimizer = lora_state_dict(self.accelerator.unwrap_model(self.transformer)), full_optimizer_state(self.optimizer)
         if self.accelerator.is_main_process:
             state = ckpt.TrainingState(
                 step=step,
-                lora=lora_state_dict(self.accelerator.unwrap_model(self.transformer)),
-                optimizer=self.optimizer.state_dict(),
+                lora=lora,
+                optimizer=optimizer,
                 lr_scheduler=self.lr_scheduler.state_dict(),
                 loss_history=self.loss_history,
                 ema={f"ema.{i}": p.detach().cpu() for i, p in enumerate(self.ema.shadow_params)} if self.ema else None,
@@ -326,16 +390,21 @@ class LoraTrainingRecipe:
     def save_lora(self) -> Path:
         """The trained LoRA in lora/; with use_ema, the EMA weights beside it in lora/ema/."""
         path = self.output_dir / "lora"
-        if self.accelerator.is_main_process:
-            transformer = self.accelerator.unwrap_model(self.transformer)
-            save_lora(self.config.flavour.pipeline_cls(), transformer, path)
-            if self.ema is not None:
-                self.ema.store(self.params)
-                self.ema.copy_to(self.params)
-                save_lora(self.config.flavour.pipeline_cls(), transformer, path / "ema")
-                self.ema.restore(self.params)
+        self._write_lora(path)
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+            self._write_lora(path / "ema")
+            self.ema.restore(self.params)
         self.accelerator.wait_for_everyone()
-        return path / "pytorch_lora_weights.safetensors"
+        return path / LORA_WEIGHTS_NAME
+
+    def _write_lora(self, path: Path) -> None:
+        """Every rank gathers the LoRA (a collective under FSDP); rank 0 writes it."""
+        transformer = self.accelerator.unwrap_model(self.transformer)
+        layers = lora_state_dict(transformer)
+        if self.accelerator.is_main_process:
+            save_lora(self.config.flavour.pipeline_cls(), layers, adapter_metadata(transformer), path)
 
     def cleanup(self) -> None:
         self.accelerator.end_training()

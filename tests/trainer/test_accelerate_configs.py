@@ -52,3 +52,34 @@ def test_training_command_uses_the_config_from_the_environment(demo_root, tmp_pa
     monkeypatch.setenv(ACCELERATE_CONFIG_ENV, str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="missing.yaml"):
         training_command(project)
+
+
+@pytest.mark.parametrize(
+    "setting, key",
+    [
+        ({"base_model_precision": "int8-quanto"}, "base_model_precision"),
+        ({"use_ema": True}, "use_ema"),
+        ({"validation_step_interval": 10}, "validation_step_interval"),
+        ({"offload_optimizer_state": True}, "offload_optimizer_state"),
+    ],
+)
+def test_fsdp_refuses_what_cannot_run_sharded_naming_the_key_and_the_way_out(setting, key):
+    from trainer.config import TrainConfig
+    from trainer.train import check_fsdp_config
+
+    check_fsdp_config(TrainConfig())  # the defaults shard
+    with pytest.raises(ConfigError, match=rf"^{key} .*ddp\.yaml"):
+        check_fsdp_config(TrainConfig(**setting))
+
+
+def test_fsdp_where_accelerate_cannot_shard_is_refused_rather_than_run_unsharded():
+    """accelerate 1.15 keeps FSDP for GPUs: a CPU process asked for FSDP would otherwise train plain data parallel."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from trainer.config import TrainConfig; from trainer.train import make_accelerator; make_accelerator(TrainConfig())"
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=CONFIGS.parents[1])
+    assert run.returncode != 0
+    assert "ConfigError: the accelerate config asks for FSDP" in run.stderr and "ddp.yaml" in run.stderr, run.stderr[-2000:]

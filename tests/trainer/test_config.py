@@ -89,6 +89,7 @@ def test_the_spec_key_lists_cover_the_whole_schema_except_documented_extras():
         "max_grad_norm", "ema_decay", "validation_seed", "tracker_project_name", "tracker_run_name",
         "scheduled_sampling_probability", "scheduled_sampling_max_step_offset", "scheduled_sampling_steps",
         *DATASET_DEFAULT_KEYS,  # tests/trainer/test_simpletuner_keys.py
+        "offload_activations", "offload_optimizer_state",  # tests/gpu/test_memory.py, below
     }  # fmt: skip
     assert set(TrainConfig.model_fields) == set(GUIDE_KEYS) | set(SIMPLETUNER_KEYS) | extras
 
@@ -368,3 +369,9 @@ def test_scheduled_sampling_is_off_by_default_and_bounded():
     config = parse_train_config({})
     assert config.scheduled_sampling_probability == 0.0
     assert "scheduled_sampling_probability" in config_error({"scheduled_sampling_probability": 1.5})
+
+
+def test_the_optimizer_state_offload_is_for_torch_adamw_only():
+    assert parse_train_config({"offload_optimizer_state": True, "optimizer": "adamw"}).offload_optimizer_state
+    message = config_error({"offload_optimizer_state": True, "optimizer": "adamw8bit"})
+    assert "offload_optimizer_state" in message and "adamw8bit" in message

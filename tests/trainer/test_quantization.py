@@ -50,3 +50,27 @@ def test_nf4_needs_a_cuda_gpu(demo_root, tmp_path):
     project = prepare_small_project(tmp_path, demo_root, base_model_precision="nf4-bnb", max_train_steps=1)
     with pytest.raises(ConfigError, match="nf4-bnb' needs a CUDA GPU"):
         load_transformer(project.config, torch.float32)
+
+
+def test_quantising_on_the_accelerator_block_by_block_gives_the_weights_of_a_whole_model_pass(demo_root):
+    """quantize_via 'accelerator' moves one block at a time (a 24 GB card never holds the bf16 model);
+    the result must be what quantising the whole model at once gives ('cpu' does that)."""
+    from optimum.quanto import QLinear
+
+    from trainer.config import parse_train_config
+    from trainer.models import load_transformer
+    from trainer.quantization import quantize_transformer
+
+    model = str(demo_root / "demo" / "models" / "tiny-edit-v2")
+    models = {}
+    for via in ("cpu", "accelerator"):
+        config = parse_train_config({"model_flavour": "edit-v2", "pretrained_model_name_or_path": model,
+                                     "base_model_precision": "int8-quanto", "quantize_via": via})
+        models[via] = load_transformer(config, torch.float32)
+        quantize_transformer(models[via], config, torch.device("cpu"))
+    whole, blockwise = (dict(m.named_modules()) for m in (models["cpu"], models["accelerator"]))
+    quantised = [name for name, module in whole.items() if isinstance(module, QLinear)]
+    assert quantised == [name for name, module in blockwise.items() if isinstance(module, QLinear)]
+    assert any(name.startswith("transformer_blocks.") for name in quantised)
+    for name in quantised:
+        assert torch.equal(whole[name].qweight.dequantize(), blockwise[name].qweight.dequantize()), name
