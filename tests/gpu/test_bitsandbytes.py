@@ -9,41 +9,11 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes needs a CUDA GPU")
 
-CUDA = torch.device("cuda")
 STEPS = 30
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from trainer.tiny_model import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-edit-v2", flavour="edit-v2")
-
-
-def config_for(tiny_model, **settings):
-    from trainer.config import parse_train_config
-
-    return parse_train_config(
-        {"model_flavour": "edit-v2", "pretrained_model_name_or_path": str(tiny_model), "lora_rank": 4, **settings}
-    )
-
-
-def a_sample():
-    """One cached sample's shapes (a 64 px target, one reference), random but fixed."""
-    from trainer.caches import CachedSample
-    from trainer.tiny_model import JOINT_DIM, Z_DIM
-
-    g = torch.Generator().manual_seed(0)
-    return CachedSample(
-        name="0000",
-        prompt_embeds=torch.randn(12, JOINT_DIM, generator=g),
-        prompt_embeds_mask=torch.ones(12, dtype=torch.long),
-        target=torch.randn(Z_DIM, 8, 8, generator=g),
-        references=[torch.randn(Z_DIM, 8, 8, generator=g)],
-    )
-
-
 def test_an_nf4_base_trains_a_lora_with_adamw8bit_that_loads_into_a_full_precision_pipeline(tiny_model, tmp_path):
+    from tests.gpu.conftest import CUDA, a_sample, config_for
     import bitsandbytes as bnb
     from diffusers import QwenImageEditPlusPipeline
     from PIL import Image

@@ -9,22 +9,14 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the offloads move CUDA tensors")
 
-CUDA = torch.device("cuda")
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from trainer.tiny_model import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-edit-v2", flavour="edit-v2")
 
 
 def train(tiny_model, offload: bool) -> tuple[dict, list[float], int]:
     """STEPS optimizer steps with gradient checkpointing, as the recipe runs them: (LoRA, losses, bytes offloaded)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from tests.gpu.test_bitsandbytes import a_sample, config_for
+    from tests.gpu.conftest import CUDA, a_sample, config_for
     from trainer.lora import add_lora, lora_state_dict
     from trainer.memory import OffloadActivations, offload_optimizer_state
     from trainer.models import load_transformer
