@@ -221,15 +221,26 @@ def parse_train_config(raw: dict[str, Any], source: str = "config") -> TrainConf
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object of config keys, got {type(raw).__name__}")
     translated = translate(_strip_cli_prefix(raw), TRAIN_KEYS, source, aliases=True)
-    try:
-        config = TrainConfig.model_validate(translated.raw)
-    except ValidationError as exc:
-        problems = validation_problems(exc, translated.raw, TrainConfig) + translated.problems
-        raise ConfigError(problems_message(source, problems)) from None
-    if translated.problems:
-        raise ConfigError(problems_message(source, translated.problems))
+    config = validate_model(TrainConfig, translated.raw, source, translated.problems)
     config._notes = tuple(translated.notes)
     return config
+
+
+def validate_model(
+    model: type[BaseModel],
+    raw: dict[str, Any],
+    source: str,
+    problems: list[str],
+    choices: dict[str, tuple[str, ...]] = _FIXED_CHOICES,
+) -> BaseModel:
+    """`raw` as `model`; one ConfigError lists its validation errors and the `problems` found before."""
+    try:
+        validated = model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(problems_message(source, validation_problems(exc, raw, model, choices) + problems)) from None
+    if problems:
+        raise ConfigError(problems_message(source, problems))
+    return validated
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

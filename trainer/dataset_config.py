@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from trainer.config import problems_message, read_json_with_comments, validation_problems
+from trainer.config import problems_message, read_json_with_comments, validate_model
 from trainer.errors import ConfigError, suggest
 from trainer.flavours import Flavour
 from trainer.images import CropAspect, ResolutionType, bucket_size
@@ -154,13 +154,7 @@ def parse_dataset_config(
         item = translated.raw
         if item.get("dataset_type", "image") in ("image", "conditioning"):
             item = {**(defaults or {}), **item}
-        try:
-            entries.append(DatasetEntry.model_validate(item))
-        except ValidationError as exc:
-            problems = validation_problems(exc, item, DatasetEntry, _CHOICES) + translated.problems
-            raise ConfigError(problems_message(where, problems)) from None
-        if translated.problems:
-            raise ConfigError(problems_message(where, translated.problems))
+        entries.append(validate_model(DatasetEntry, item, where, translated.problems, _CHOICES))
         notes += translated.notes
     config = DatasetConfig(tuple(entries), source, Path(base_dir or Path.cwd()).resolve(), tuple(notes))
     _check_references(config, flavour)
@@ -242,4 +236,4 @@ def _check_references(config: DatasetConfig, flavour: Flavour) -> None:
     if not config.image_entries:
         problems.append("no enabled dataset with dataset_type 'image' (the edit targets)")
     if problems:
-        raise ConfigError(f"{config.source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(problems_message(config.source, problems))

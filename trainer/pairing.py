@@ -189,8 +189,10 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
 
 def _below_minimum_size(entry: DatasetEntry, target_path: str, report: PairingReport) -> bool:
     """SimpleTuner's minimum_image_size: smaller targets are left out, with a warning naming each."""
+    if not entry.minimum_image_size:
+        return False
     probe = probe_image(target_path)
-    if not entry.minimum_image_size or probe.error is not None:
+    if probe.error is not None:
         return False
     size = image_size_measure(probe.width, probe.height, entry.resolution_type)
     if size >= entry.minimum_image_size:

@@ -181,8 +181,9 @@ def validate(pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, s
             images[stage].save(path)
             setattr(row, f"{stage}_image", str(path))
         if row.target:  # the validation_prompt row has no target to be scored against
-            target = load_rgb(row.target).resize((width, height))
-            target_tokens = pack(encode_image_latents(pipe, preprocess_target(pipe, load_rgb(row.target), (width, height)))[None])
+            target_image = load_rgb(row.target)
+            target = target_image.resize((width, height))
+            target_tokens = pack(encode_image_latents(pipe, preprocess_target(pipe, target_image, (width, height)))[None])
             row.target = _copy_image(row.target, out_dir / "images" / f"{row.name}_target.png")
             for stage in stages:
                 tokens = outputs[(stage, row.name)]
