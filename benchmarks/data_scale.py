@@ -40,8 +40,8 @@ def generate(root: Path, pairs: int) -> None:
 
 
 def configs(root: Path):
-    from trainer.config import parse_train_config
-    from trainer.dataset_config import parse_dataset_config
+    from trainer.config.parsing import parse_train_config
+    from trainer.data.dataset_config import parse_dataset_config
 
     config = parse_train_config({"model_flavour": "edit-v1", "pretrained_model_name_or_path": "Qwen/Qwen-Image-Edit"})
     data = parse_dataset_config(
@@ -56,7 +56,7 @@ def configs(root: Path):
 
 
 def manifest_seconds(root: Path) -> tuple[float, int]:
-    from trainer.pairing import build_manifest, write_manifest
+    from trainer.data.pairing import build_manifest, write_manifest
 
     config, data = configs(root)
     start = time.perf_counter()
@@ -69,8 +69,8 @@ def manifest_seconds(root: Path) -> tuple[float, int]:
 def cache_pass(root: Path, first: bool) -> dict:
     import torch
 
-    from trainer.caches import _run_cache_pass, sample_paths, vae_key
-    from trainer.pairing import read_manifest
+    from trainer.data.caches import _run_cache_pass, sample_paths, vae_key
+    from trainer.data.pairing import read_manifest
 
     config, data = configs(root)
     manifest = read_manifest(root / "manifest.json")

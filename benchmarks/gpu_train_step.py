@@ -1,5 +1,5 @@
 """One LoRA training step of the full-size (20B) transformer through qwen-edit's own code path:
-`trainer.lora.add_lora` (peft), `trainer.train.flow_matching_loss` (pipeline-exact conditioning,
+`trainer.model.lora.add_lora` (peft), `trainer.training.recipe.flow_matching_loss` (pipeline-exact conditioning,
 packing and slicing), bf16 autocast as accelerate applies it, AdamW, gradient checkpointing.
 
 Random weights, real architecture (no weights can be downloaded). Run it on the GPU machine in
@@ -12,17 +12,17 @@ the same command as the baseline (`../shared/bench/diffusers_lora_baseline.py`) 
 
 PRECISION: `bf16` (default) or a quanto `base_model_precision` (`int8-quanto`, `int4-quanto`,
 `fp8-quanto`). A quantised base is built as training loads it: the bf16 model sits in CPU memory
-and `trainer.quantization.quantize_transformer` (quantize_via accelerator) quantises it onto the
+and `trainer.model.quantization.quantize_transformer` (quantize_via accelerator) quantises it onto the
 GPU; the peak GPU memory of that phase is reported apart from the step's.
 VARIANTS (run one after another on the same model, each from the same LoRA init and inputs):
 `plain` (the step without memory savers), or `+`-joined savers: `act`
-(`trainer.memory.OffloadActivations` around the forward, config `offload_activations`), `opt`
-(`trainer.memory.offload_optimizer_state`, config `offload_optimizer_state`), e.g.
+(`trainer.model.memory.OffloadActivations` around the forward, config `offload_activations`), `opt`
+(`trainer.model.memory.offload_optimizer_state`, config `offload_optimizer_state`), e.g.
 `VARIANTS=plain,act,act+opt`.
 The self-test first trains a 3-block model with `plain` and with all savers and checks that the
 two agree bit for bit (math attention, which is deterministic).
 SHAPES: references x text tokens; the target and each reference are 1024x1024 (4096 tokens).
-EXPANDABLE=1 calls `trainer.memory.use_expandable_segments()` first (or set
+EXPANDABLE=1 calls `trainer.model.memory.use_expandable_segments()` first (or set
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True yourself).
 Prints one JSON line per variant and shape, then a table; writes `gpu_train_step_<PRECISION>.json` to $OUT.
 """
@@ -39,10 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.caches import CachedSample  # noqa: E402
-from trainer.lora import add_lora  # noqa: E402
-from trainer.memory import OffloadActivations, offload_optimizer_state  # noqa: E402
-from trainer.train import flow_matching_loss  # noqa: E402
+from trainer.data.caches import CachedSample  # noqa: E402
+from trainer.model.lora import add_lora  # noqa: E402
+from trainer.model.memory import OffloadActivations, offload_optimizer_state  # noqa: E402
+from trainer.training.recipe import flow_matching_loss  # noqa: E402
 
 RANK = int(os.environ.get("LORA_RANK", 32))
 STEPS = int(os.environ.get("STEPS", 6))
@@ -96,8 +96,8 @@ def build_full_size_transformer(**config):
 
 def quantized_like_training(model):
     """The bf16 model in CPU memory (as `load_transformer` returns it), quantised as `setup` does."""
-    from trainer.config import parse_train_config
-    from trainer.quantization import quantize_transformer
+    from trainer.config.parsing import parse_train_config
+    from trainer.model.quantization import quantize_transformer
 
     config = parse_train_config({"base_model_precision": PRECISION, "quantize_via": "accelerator", "gradient_checkpointing": CHECKPOINTING})
     model.to("cpu")
@@ -144,7 +144,7 @@ def train_steps(model, params, variant, batch, steps, record=None):
     """`steps` optimizer steps; returns (seconds per step, losses, per-phase peaks)."""
     savers = set(variant.split("+")) - {"plain"}
     assert savers <= {"act", "opt"}, variant
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)  # as trainer.train.make_optimizer
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)  # as trainer.training.recipe.make_optimizer
     if "opt" in savers:
         offload_optimizer_state(optimizer)
     offload = OffloadActivations() if "act" in savers else None
@@ -192,8 +192,8 @@ def selftest() -> dict:
 
     model = build_full_size_transformer(num_layers=3, attention_head_dim=64, num_attention_heads=4, axes_dims_rope=(16, 24, 24))
     if PRECISION != "bf16":
-        from trainer.config import parse_train_config
-        from trainer.quantization import quantize_transformer
+        from trainer.config.parsing import parse_train_config
+        from trainer.model.quantization import quantize_transformer
 
         quantize_transformer(model, parse_train_config({"base_model_precision": PRECISION}), DEVICE)
     params = add_lora(model, 8, 8.0, seed=0)
@@ -222,7 +222,7 @@ def selftest() -> dict:
 
 def main() -> None:
     if os.environ.get("EXPANDABLE") == "1":  # as training would ask for it, from inside the process
-        from trainer.memory import use_expandable_segments
+        from trainer.model.memory import use_expandable_segments
 
         use_expandable_segments()
     info = {"gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__, "precision": PRECISION,

@@ -7,7 +7,7 @@ from qwen_edit_assets.resources import project_from_env
 
 
 def main() -> None:
-    from trainer.train import SUMMARY_NAME
+    from trainer.training.recipe import SUMMARY_NAME
 
     project = project_from_env().load()
     summary = json.loads((project.output_dir / SUMMARY_NAME).read_text())

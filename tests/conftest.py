@@ -38,7 +38,7 @@ def write_small_project(root: Path, models: Path, flavour: str = "edit-v2", n_tr
     """A config.json + multidatabackend.json over a fresh small demo dataset under `root`."""
     import json
 
-    from trainer.demo_data import generate_demo_dataset
+    from trainer.demo.dataset import generate_demo_dataset
 
     data = generate_demo_dataset(root / "data", n_train=n_train, n_eval=n_eval, size=32)
     n_refs = 1 if flavour == "edit-v1" else 3
@@ -72,7 +72,7 @@ def write_small_project(root: Path, models: Path, flavour: str = "edit-v2", n_tr
 
 def prepare_small_project(root: Path, demo_root: Path, **config):
     """A small project with its manifest checked and its caches encoded: ready to train."""
-    from trainer.caches import build_text_cache, build_vae_cache
+    from trainer.data.caches import build_text_cache, build_vae_cache
     from trainer.workflow import check_data, load_project
 
     config_path, data_path = write_small_project(root, demo_root / "demo" / "models", **config)

@@ -27,7 +27,7 @@ def _project_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from trainer.config import parse_override
+    from trainer.config.parsing import parse_override
     from trainer.workflow import example_paths, load_project
 
     overrides = dict(parse_override(o) for o in args.overrides)
@@ -77,8 +77,8 @@ def real_model_overrides(config) -> dict:
 
 def ensure_demo(root: Path) -> None:
     """The bundled presets train the tiny model on the demo data; build both once."""
-    from trainer.demo_data import generate_demo_dataset
-    from trainer.tiny_model import build_tiny_pipeline
+    from trainer.demo.dataset import generate_demo_dataset
+    from trainer.demo.tiny_model import build_tiny_pipeline
 
     demo = Path(root) / DEMO_DIR
     for flavour in ("edit-v1", "edit-v2", "edit-v3"):
@@ -100,7 +100,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from trainer.caches import build_text_cache, build_vae_cache
+    from trainer.data.caches import build_text_cache, build_vae_cache
     from trainer.workflow import check_data
 
     project, _ = _load(args)
@@ -112,10 +112,10 @@ def cmd_cache(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from trainer.caches import build_text_cache, build_vae_cache
-    from trainer.tracking import tracking_uri
-    from trainer.train import SUMMARY_NAME
-    from trainer.validation import log_to_mlflow, run_validation
+    from trainer.data.caches import build_text_cache, build_vae_cache
+    from trainer.evaluation.validation import log_to_mlflow, run_validation
+    from trainer.tracking.store import tracking_uri
+    from trainer.training.recipe import SUMMARY_NAME
     from trainer.workflow import check_data, run_training_subprocess
 
     project, overrides = _load(args)
@@ -140,7 +140,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from trainer.tiny_model import build_tiny_pipeline
+    from trainer.demo.tiny_model import build_tiny_pipeline
 
     print(build_tiny_pipeline(args.out_dir, flavour=args.flavour, seed=args.seed, overwrite=args.overwrite))
     return 0
@@ -155,14 +155,14 @@ def cmd_demo_setup(args) -> int:
 def cmd_compare(args) -> int:
     import os
 
-    from trainer.compare import compare_runs, write_comparison_report
-    from trainer.tracking import tracking_uri
+    from trainer.tracking.compare import compare_runs, write_comparison_report
+    from trainer.tracking.store import tracking_uri
 
     root = Path(args.root).resolve()
     experiment = args.experiment
     if experiment is None:
         if args.config is not None:
-            from trainer.config import load_train_config
+            from trainer.config.parsing import load_train_config
 
             config_path = args.config if args.config.is_absolute() else root / args.config
             experiment = load_train_config(config_path).tracker_project_name

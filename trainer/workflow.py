@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from trainer.config import TrainConfig, load_train_config
-from trainer.dataset_config import DatasetConfig, load_dataset_config
+from trainer.config.parsing import load_train_config
+from trainer.config.schema import TrainConfig
+from trainer.data.dataset_config import DatasetConfig, load_dataset_config
+from trainer.data.pairing import PairingReport, build_manifest, read_manifest, write_manifest
 from trainer.errors import ConfigError
-from trainer.pairing import PairingReport, build_manifest, read_manifest, write_manifest
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 MANIFEST_NAME = "pairing_manifest.json"
@@ -152,7 +153,7 @@ def accelerate_config_launch(config_file: Path, gpus: int, num_processes: int | 
 
 def training_env(project: Project) -> dict[str, str]:
     """The subprocess sees the project on its path and the same MLflow store as we do."""
-    from trainer.tracking import tracking_uri
+    from trainer.tracking.store import tracking_uri
 
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parent.parent)

@@ -23,7 +23,7 @@ def _cache_asset(kind: str, name: str, description: str) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec(check, asset=name, description="every manifest row has an up-to-date cache file")],
     )
     def cache_asset(context: dg.AssetExecutionContext, project: QwenEditProject, pairing_manifest: pd.DataFrame):
-        from trainer.caches import build_text_cache, build_vae_cache, verify_cache
+        from trainer.data.caches import build_text_cache, build_vae_cache, verify_cache
 
         loaded = project.load()
         build = build_text_cache if kind == "text" else build_vae_cache

@@ -20,8 +20,8 @@ class ComparisonConfig(dg.Config):
     "best training loss, validation metrics, each run's LoRA edit per eval pair, a link to MLflow's compare page.",
 )
 def run_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig, project: QwenEditProject) -> dg.MaterializeResult:
-    from trainer.compare import compare_runs, write_comparison_report
-    from trainer.tracking import tracking_uri
+    from trainer.tracking.compare import compare_runs, write_comparison_report
+    from trainer.tracking.store import tracking_uri
 
     loaded = project.load()
     out = loaded.output_dir / "comparison"

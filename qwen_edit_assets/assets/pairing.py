@@ -19,7 +19,7 @@ def pairing_manifest_asset(raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec("no_orphan_references", asset="pairing_manifest", blocking=False)],
     )
     def pairing_manifest(context: dg.AssetExecutionContext, project: QwenEditProject):
-        from trainer.pairing import PairingError
+        from trainer.data.pairing import PairingError
         from trainer.workflow import check_data
 
         loaded = project.load()

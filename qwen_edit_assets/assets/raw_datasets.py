@@ -34,7 +34,7 @@ def raw_dataset_asset(dataset_id: str, dataset_type: str, folder_hint: str) -> d
         kinds={"files"},
     )
     def raw_dataset(context: dg.AssetExecutionContext, project: QwenEditProject) -> dg.MaterializeResult:
-        from trainer.images import is_image_file
+        from trainer.data.images import is_image_file
 
         loaded = project.load()
         entry = loaded.dataset_config.by_id(dataset_id)

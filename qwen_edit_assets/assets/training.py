@@ -39,7 +39,7 @@ def trained_lora(
     project: QwenEditProject,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ):
-    from trainer.train import SUMMARY_NAME
+    from trainer.training.recipe import SUMMARY_NAME
     from trainer.workflow import training_command, training_env
 
     overrides = config.as_overrides()

@@ -20,9 +20,9 @@ GROUP = "training"
     "LoRA | target per row with latent and pixel metrics; an HTML report, also logged to MLflow.",
 )
 def validation_report(context: dg.AssetExecutionContext, project: QwenEditProject, pairing_manifest: pd.DataFrame) -> dg.MaterializeResult:
-    from trainer.tracking import tracking_uri
-    from trainer.train import SUMMARY_NAME
-    from trainer.validation import log_to_mlflow, run_validation
+    from trainer.evaluation.validation import log_to_mlflow, run_validation
+    from trainer.tracking.store import tracking_uri
+    from trainer.training.recipe import SUMMARY_NAME
 
     loaded = project.load()
     summary = json.loads((loaded.output_dir / SUMMARY_NAME).read_text())

@@ -73,7 +73,7 @@ def test_trained_lora_metadata_points_at_the_lora_and_the_mlflow_run(materialize
 def test_lora_loads_into_a_fresh_diffusers_pipeline_and_changes_its_output(materialized, demo_root):
     from diffusers import QwenImageEditPlusPipeline
 
-    from trainer.images import load_rgb
+    from trainer.data.images import load_rgb
 
     _, out, _ = materialized
     pipe = QwenImageEditPlusPipeline.from_pretrained(demo_root / "demo" / "models" / "tiny-edit-v2")

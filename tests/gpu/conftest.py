@@ -8,13 +8,13 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from trainer.tiny_model import build_tiny_pipeline
+    from trainer.demo.tiny_model import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-edit-v2", flavour="edit-v2")
 
 
 def config_for(tiny_model, **settings):
-    from trainer.config import parse_train_config
+    from trainer.config.parsing import parse_train_config
 
     return parse_train_config(
         {"model_flavour": "edit-v2", "pretrained_model_name_or_path": str(tiny_model), "lora_rank": 4, **settings}
@@ -23,8 +23,8 @@ def config_for(tiny_model, **settings):
 
 def a_sample():
     """One cached sample's shapes (a 64 px target, one reference), random but fixed."""
-    from trainer.caches import CachedSample
-    from trainer.tiny_model import JOINT_DIM, Z_DIM
+    from trainer.data.caches import CachedSample
+    from trainer.demo.tiny_model import JOINT_DIM, Z_DIM
 
     g = torch.Generator().manual_seed(0)
     return CachedSample(

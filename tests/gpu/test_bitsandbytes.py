@@ -13,14 +13,15 @@ STEPS = 30
 
 
 def test_an_nf4_base_trains_a_lora_with_adamw8bit_that_loads_into_a_full_precision_pipeline(tiny_model, tmp_path):
-    from tests.gpu.conftest import CUDA, a_sample, config_for
     import bitsandbytes as bnb
     from diffusers import QwenImageEditPlusPipeline
     from PIL import Image
 
-    from trainer.lora import adapter_metadata, add_lora, lora_state_dict, save_lora
-    from trainer.models import load_transformer
-    from trainer.train import flow_matching_loss, make_optimizer
+    from tests.gpu.conftest import CUDA, a_sample, config_for
+    from trainer.model.loading import load_transformer
+    from trainer.model.lora import adapter_metadata, add_lora, lora_state_dict, save_lora
+    from trainer.training.distributed import make_optimizer
+    from trainer.training.loss import flow_matching_loss
 
     config = config_for(tiny_model, base_model_precision="nf4-bnb", optimizer="adamw8bit", learning_rate=1e-2)
     transformer = load_transformer(config, torch.bfloat16).to(CUDA)

@@ -17,10 +17,11 @@ def train(tiny_model, offload: bool) -> tuple[dict, list[float], int]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from tests.gpu.conftest import CUDA, a_sample, config_for
-    from trainer.lora import add_lora, lora_state_dict
-    from trainer.memory import OffloadActivations, offload_optimizer_state
-    from trainer.models import load_transformer
-    from trainer.train import flow_matching_loss, make_optimizer
+    from trainer.model.loading import load_transformer
+    from trainer.model.lora import add_lora, lora_state_dict
+    from trainer.model.memory import OffloadActivations, offload_optimizer_state
+    from trainer.training.distributed import make_optimizer
+    from trainer.training.loss import flow_matching_loss
 
     config = config_for(tiny_model, learning_rate=1e-2, offload_activations=offload, offload_optimizer_state=offload)
     transformer = load_transformer(config, torch.float32).to(CUDA)

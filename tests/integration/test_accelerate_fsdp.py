@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import prepare_small_project
 from tests.integration.servers import REPO
-from trainer.lora import LORA_WEIGHTS_NAME
+from trainer.model.lora import LORA_WEIGHTS_NAME
 from trainer.workflow import ACCELERATE_CONFIG_ENV, training_command, training_env
 
 pytestmark = pytest.mark.integration
@@ -100,7 +100,7 @@ def test_fsdp_resumes_a_ddp_checkpoint_and_ends_where_ddp_does(demo_root, tmp_pa
 def assert_loads_into_the_pipeline(project, lora: dict) -> None:
     from peft.utils import get_peft_model_state_dict
 
-    from trainer.models import load_pipeline
+    from trainer.model.loading import load_pipeline
 
     pipe = load_pipeline(project.config, torch.device("cpu"), torch.float32, text_encoder=False, vae=False)
     pipe.load_lora_weights(str(project.lora_dir), weight_name=LORA_WEIGHTS_NAME, adapter_name="trained")

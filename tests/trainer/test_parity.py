@@ -4,11 +4,11 @@ For each flavour, a real `pipeline(...)` call on the tiny random-weight model is
 hooks on its transformer (the hooks only copy the arguments and the output; nothing in
 diffusers is mocked). The trainer's own code paths are then held against those recordings:
 
-- `trainer.conditioning` (the cache builders' code): prompt embeddings and mask, packed
+- `trainer.model.conditioning` (the cache builders' code): prompt embeddings and mask, packed
   reference latents and `img_shapes` equal what the pipeline passes to the transformer;
-- `trainer.train.flow_matching_loss`, with the transformer loaded as training loads it, calls
+- `trainer.training.recipe.flow_matching_loss`, with the transformer loaded as training loads it, calls
   the transformer with the same inputs as each denoising step and gets the same prediction;
-- `trainer.validation` + `trainer.sampling` (our copy of the denoising loop) end at the same
+- `trainer.evaluation.validation` + `trainer.evaluation.sampling` (our copy of the denoising loop) end at the same
   latents as `pipeline(..., output_type="latent")` for the same seed, steps and true CFG.
 
 edit-v2/v3 use two references of different aspect ratios, so ordering, per-reference sizes
@@ -30,8 +30,12 @@ import torch.nn.functional as F
 from diffusers import QwenImageTransformer2DModel
 from PIL import Image
 
-from trainer.caches import CachedSample
-from trainer.conditioning import (
+from trainer.config.parsing import parse_train_config
+from trainer.config.schema import TrainConfig
+from trainer.data.caches import CachedSample
+from trainer.demo.tiny_model import build_tiny_pipeline
+from trainer.evaluation.validation import edit_latents, encode_conditioning
+from trainer.model.conditioning import (
     encode_image_latents,
     encode_prompt,
     img_shapes,
@@ -39,13 +43,10 @@ from trainer.conditioning import (
     prepare_references,
     unpack,
 )
-from trainer.config import TrainConfig, parse_train_config
-from trainer.flavours import FLAVOURS
-from trainer.flow_matching import velocity_target
-from trainer.models import load_pipeline, load_transformer
-from trainer.tiny_model import build_tiny_pipeline
-from trainer.train import flow_matching_loss
-from trainer.validation import edit_latents, encode_conditioning
+from trainer.model.flavours import FLAVOURS
+from trainer.model.loading import load_pipeline, load_transformer
+from trainer.training.flow_matching import velocity_target
+from trainer.training.loss import flow_matching_loss
 
 pytestmark = pytest.mark.slow
 
@@ -111,11 +112,11 @@ class Case:
     references: list[Image.Image]
     pipeline_calls: list[dict]  # per step: positive prompt, then negative prompt
     pipeline_latents: torch.Tensor  # pipeline(..., output_type="latent").images, [1, 16, 64]
-    prompt_embeds: torch.Tensor  # [T, D], trainer.conditioning.encode_prompt
+    prompt_embeds: torch.Tensor  # [T, D], trainer.model.conditioning.encode_prompt
     prompt_embeds_mask: torch.Tensor  # [T]
     negative_embeds: torch.Tensor
     negative_mask: torch.Tensor
-    reference_latents: list[torch.Tensor]  # each [16, h, w], trainer.conditioning.encode_image_latents
+    reference_latents: list[torch.Tensor]  # each [16, h, w], trainer.model.conditioning.encode_image_latents
 
     @property
     def target_tokens(self) -> int:

@@ -1,0 +1,355 @@
+"""The prompt-embedding and VAE-latent caches, on the tiny random-weight model.
+
+One safetensors file per sample and cache, named after the sample. A cache pass encodes only
+the samples whose inputs changed (caption, images, sizes, model), leaves the others alone and
+deletes the files of samples that left the dataset. A damaged file is re-encoded, never read.
+
+Most cases use edit-v2 with `match_target_res` (references VAE-encoded at the target's size,
+so a pass takes well under a second on a CPU); one edit-v1 case covers its ~1 megapixel
+reference and its default cache folder.
+"""
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from trainer.config.parsing import parse_train_config
+from trainer.data.caches import (
+    SamplePaths,
+    build_text_cache,
+    build_vae_cache,
+    iter_samples,
+    sample_paths,
+    stored_fingerprint,
+    text_fingerprint,
+    vae_fingerprint,
+)
+from trainer.data.dataset_config import parse_dataset_config
+from trainer.data.images import bucket_size
+from trainer.data.pairing import build_manifest
+from trainer.demo.dataset import generate_demo_dataset
+from trainer.demo.tiny_model import JOINT_DIM, Z_DIM, build_tiny_pipeline
+
+CPU = torch.device("cpu")
+IMAGE_SIZE = 32  # demo images are 32 x 32 ...
+RESOLUTION = 64  # ... and train in a 64 x 64 bucket: latents 8 x 8
+NAMES = ["0000", "0001", "0002", "0003"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's convolutions take ~20 ms on one thread, but several times longer on two
+    when other processes compete for this machine's two cores. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def tiny_edit_v2(tiny_models) -> Path:
+    return build_tiny_pipeline(tiny_models / "tiny-edit-v2", flavour="edit-v2")
+
+
+@dataclass
+class Project:
+    """A 4-sample edit-v2 dataset with two references per sample and its caches under `root`."""
+
+    root: Path
+    model: Path
+    references: tuple[str, ...] = ("reference", "reference_2")
+    resolution: int = RESOLUTION
+    loose: tuple[str, ...] = ()  # conditioning datasets with conditioning_type reference_loose (others: strict)
+
+    def __post_init__(self):
+        self.demo = generate_demo_dataset(self.root / "data", n_train=4, n_eval=1, size=IMAGE_SIZE)
+        self.config = parse_train_config(
+            {"model_flavour": "edit-v2", "pretrained_model_name_or_path": str(self.model), "model_kwargs": {"match_target_res": True}}
+        )
+        self.text_dir = self.root / "cache" / "text" / "edits"  # text_embeds cache_dir / dataset id
+        self.vae_dir = self.root / "cache" / "vae" / "edits"
+
+    @property
+    def dataset_config(self):
+        entries = [
+            {
+                "id": "edits",
+                "instance_data_dir": str(self.folder("edited")),
+                "resolution": self.resolution,
+                "conditioning_data": list(self.references),
+                "cache_dir_vae": str(self.vae_dir),
+            },
+            *(
+                {
+                    "id": name,
+                    "dataset_type": "conditioning",
+                    "instance_data_dir": str(self.folder(name)),
+                    "conditioning_type": "reference_loose" if name in self.loose else "reference_strict",
+                }
+                for name in ("reference", "reference_2")
+            ),
+            {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "cache_dir": str(self.root / "cache" / "text")},
+        ]
+        return parse_dataset_config(entries, "multidatabackend.json", self.config.flavour, self.root)
+
+    def folder(self, name: str) -> Path:
+        return self.demo.folder("train", name)
+
+    def manifest(self):
+        """Re-scanned every time, as each stage of a run does."""
+        return build_manifest(self.dataset_config, self.config.flavour)[0]
+
+    def build(self):
+        """One cache pass of both caches: (text stats, VAE stats)."""
+        manifest, data = self.manifest(), self.dataset_config
+        return build_text_cache(manifest, data, self.config, CPU), build_vae_cache(manifest, data, self.config, CPU)
+
+    def build_vae(self):
+        """A pass of the VAE cache alone (the cheap one), for cases about the latents."""
+        return build_vae_cache(self.manifest(), self.dataset_config, self.config, CPU)
+
+
+def identities(folder: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) per cache file: a rewrite (temp file + rename) changes both."""
+    return {p.stem: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def rewritten(before: dict, after: dict) -> set[str]:
+    return {name for name in after if before.get(name) != after[name]}
+
+
+def counts(stats) -> tuple[int, int, int]:
+    return stats.encoded, stats.reused, stats.pruned
+
+
+@pytest.fixture(scope="module")
+def first_pass(tmp_path_factory, tiny_edit_v2):
+    """A project's first cache pass, run once for the module: (project, text stats, VAE stats).
+    Tests only read it; those that change things work on a copy (`cached`)."""
+    project = Project(tmp_path_factory.mktemp("first-pass") / "project", tiny_edit_v2)
+    return (project, *project.build())
+
+
+@pytest.fixture
+def cached(first_pass, tmp_path, tiny_edit_v2) -> Project:
+    """A private copy of a project whose caches are complete. Cache files hold no paths (their
+    fingerprints are of contents), so a copied project's caches stay valid."""
+    shutil.copytree(first_pass[0].root, tmp_path / "project")
+    return Project(tmp_path / "project", tiny_edit_v2)
+
+
+# --- what a pass writes ---------------------------------------------------------------------------
+
+
+def test_a_first_pass_writes_one_file_per_sample_with_the_pipelines_tensors(first_pass):
+    project, text, vae = first_pass
+    assert counts(text) == counts(vae) == (4, 0, 0)
+    assert text.folders == (str(project.text_dir),) and vae.folders == (str(project.vae_dir),)
+    # exactly one file per sample, named after it, and no temp file left behind
+    assert sorted(p.name for p in project.text_dir.iterdir()) == [f"{n}.safetensors" for n in NAMES]
+    assert sorted(p.name for p in project.vae_dir.iterdir()) == [f"{n}.safetensors" for n in NAMES]
+
+    width, height = bucket_size(IMAGE_SIZE, IMAGE_SIZE, RESOLUTION, "pixel_area")
+    latent = (Z_DIM, height // 8, width // 8)
+    assert latent == (16, 8, 8)
+    for name in NAMES:
+        prompt = load_file(str(project.text_dir / f"{name}.safetensors"))
+        assert set(prompt) == {"prompt_embeds", "prompt_embeds_mask"}
+        tokens = prompt["prompt_embeds"].shape[0]
+        assert prompt["prompt_embeds"].shape == (tokens, JOINT_DIM) and tokens > 0
+        assert prompt["prompt_embeds_mask"].shape == (tokens,) and prompt["prompt_embeds_mask"].sum() > 0
+        assert torch.isfinite(prompt["prompt_embeds"]).all()
+
+        latents = load_file(str(project.vae_dir / f"{name}.safetensors"))
+        assert set(latents) == {"target", "reference_0", "reference_1"}  # one per conditioning dataset
+        for key, tensor in latents.items():
+            assert tuple(tensor.shape) == latent, key  # match_target_res: references at the target's size
+            assert torch.isfinite(tensor).all()
+
+
+def test_cached_samples_load_with_their_references_in_conditioning_order(cached):
+    samples = list(iter_samples(cached.manifest(), cached.dataset_config, cached.config))
+    assert [s.name for s in samples] == NAMES
+    assert all(len(s.references) == 2 for s in samples)
+    first = samples[0]
+    assert first.prompt_embeds.shape[1] == JOINT_DIM and first.target.shape == (16, 8, 8)
+
+    # swap the order of the conditioning datasets: the reference latents swap with it
+    cached.references = ("reference_2", "reference")
+    assert counts(cached.build_vae()) == (4, 0, 0)  # a new order is a new input
+    swapped = next(iter_samples(cached.manifest(), cached.dataset_config, cached.config))
+    assert torch.allclose(swapped.references[0], first.references[1])
+    assert torch.allclose(swapped.references[1], first.references[0])
+    assert torch.allclose(swapped.target, first.target)
+
+
+def test_each_file_records_the_fingerprint_of_its_inputs(cached):
+    manifest, data = cached.manifest(), cached.dataset_config
+    row = manifest.iloc[0]
+    paths = sample_paths(data, cached.config, row)
+    assert paths.text == cached.text_dir / "0000.safetensors" and paths.vae == cached.vae_dir / "0000.safetensors"
+    assert stored_fingerprint(paths.text) == text_fingerprint(cached.config, data, row)
+    assert stored_fingerprint(paths.vae) == vae_fingerprint(cached.config, data, row)
+    assert stored_fingerprint(cached.root / "nothing-here.safetensors") is None
+
+
+# --- incremental passes ---------------------------------------------------------------------------
+
+
+def test_a_second_pass_encodes_nothing_and_rewrites_nothing(cached):
+    before = identities(cached.text_dir), identities(cached.vae_dir)
+    text, vae = cached.build()
+    assert counts(text) == counts(vae) == (0, 4, 0)
+    assert (identities(cached.text_dir), identities(cached.vae_dir)) == before
+
+
+def test_changing_one_caption_re_encodes_exactly_that_prompt_and_no_latents(cached):
+    before_text, before_vae = identities(cached.text_dir), identities(cached.vae_dir)
+    old = load_file(str(cached.text_dir / "0002.safetensors"))["prompt_embeds"]
+    (cached.folder("edited") / "0002.txt").write_text("make the shape bright purple\n")
+    text, vae = cached.build()
+    assert counts(text) == (1, 3, 0) and counts(vae) == (0, 4, 0)
+    assert rewritten(before_text, identities(cached.text_dir)) == {"0002"}
+    assert rewritten(before_vae, identities(cached.vae_dir)) == set()
+    new = load_file(str(cached.text_dir / "0002.safetensors"))["prompt_embeds"]
+    assert new.shape != old.shape or not torch.equal(new, old)  # really encoded from the new caption
+
+
+def test_replacing_one_reference_image_re_encodes_that_sample_in_both_caches(cached):
+    before_text, before_vae = identities(cached.text_dir), identities(cached.vae_dir)
+    old = load_file(str(cached.vae_dir / "0001.safetensors"))
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0)).save(cached.folder("reference_2") / "0001.png")  # a new swatch
+    text, vae = cached.build()
+    assert counts(text) == counts(vae) == (1, 3, 0)
+    assert rewritten(before_text, identities(cached.text_dir)) == {"0001"}
+    assert rewritten(before_vae, identities(cached.vae_dir)) == {"0001"}
+    new = load_file(str(cached.vae_dir / "0001.safetensors"))
+    assert not torch.equal(new["reference_1"], old["reference_1"])
+    assert torch.equal(new["reference_0"], old["reference_0"]) and torch.equal(new["target"], old["target"])
+
+
+def test_deleting_a_sample_prunes_exactly_its_cache_files(cached):
+    for folder in ("edited", *cached.references):
+        (cached.folder(folder) / "0003.png").unlink()
+    (cached.folder("edited") / "0003.txt").unlink()
+    before_text, before_vae = identities(cached.text_dir), identities(cached.vae_dir)
+    text, vae = cached.build()
+    assert counts(text) == counts(vae) == (0, 3, 1)
+    for folder, before in ((cached.text_dir, before_text), (cached.vae_dir, before_vae)):
+        after = identities(folder)
+        assert sorted(after) == NAMES[:3]
+        assert rewritten(before, after) == set()
+
+
+def test_changing_the_dataset_resolution_re_encodes_every_latent_at_the_new_bucket(cached):
+    cached.resolution = 32
+    assert counts(cached.build_vae()) == (4, 0, 0)
+    latents = load_file(str(cached.vae_dir / "0000.safetensors"))
+    assert latents["target"].shape == latents["reference_0"].shape == (16, 4, 4)  # 32 px / 8
+
+
+def test_a_strict_reference_is_cropped_and_resized_like_its_target_and_a_loose_one_is_left_alone(cached):
+    """reference_strict: the target's bucket crop comes before the pipeline's own reference sizing."""
+    from trainer.data.caches import load_references
+    from trainer.model.loading import load_pipeline
+
+    wide = np.random.default_rng(0).integers(0, 255, (2 * IMAGE_SIZE, 2 * IMAGE_SIZE + 1, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(cached.folder("reference") / "0000.png")  # 1.6% wider than its 32 x 32 target
+    pipe = load_pipeline(cached.config, CPU, torch.float32, transformer=False, text_encoder=False)
+    row = cached.manifest().iloc[0]
+    assert row["name"] == "0000"
+
+    strict = load_references(pipe, cached.dataset_config, cached.config, row)
+    assert [image.size for image in strict] == [(RESOLUTION, RESOLUTION)] * 2  # the target's bucket
+    cropped = np.asarray(strict[0])
+    assert any(np.array_equal(cropped, wide[:, left : left + 2 * IMAGE_SIZE]) for left in (0, 1))  # one column off, no rescale
+
+    cached.loose = ("reference",)
+    loose = load_references(pipe, cached.dataset_config, cached.config, row)
+    assert [image.size for image in loose] == [(2 * IMAGE_SIZE + 1, 2 * IMAGE_SIZE), (RESOLUTION, RESOLUTION)]
+    assert np.array_equal(np.asarray(loose[0]), wide)
+    assert counts(cached.build_vae()) == (4, 0, 0)  # how references are prepared is part of every cache key
+
+
+# --- damaged files --------------------------------------------------------------------------------
+
+
+def test_a_truncated_or_garbage_cache_file_is_stale_and_re_encoded_never_loaded(cached):
+    garbage = cached.vae_dir / "0000.safetensors"
+    garbage.write_bytes(b"\x00\x01garbage from a killed write")
+    truncated = cached.text_dir / "0001.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    assert stored_fingerprint(garbage) is None and stored_fingerprint(truncated) is None
+
+    before_text, before_vae = identities(cached.text_dir), identities(cached.vae_dir)
+    text, vae = cached.build()  # would raise if it tried to read either file
+    assert counts(text) == counts(vae) == (1, 3, 0)
+    assert rewritten(before_text, identities(cached.text_dir)) == {"0001"}
+    assert rewritten(before_vae, identities(cached.vae_dir)) == {"0000"}
+    for path in (garbage, truncated):
+        with safe_open(str(path), framework="pt") as handle:
+            assert handle.metadata()["fingerprint"]
+    assert len(list(iter_samples(cached.manifest(), cached.dataset_config, cached.config))) == 4
+
+
+# --- edit-v1 --------------------------------------------------------------------------------------
+
+
+def test_edit_v1_caches_its_one_reference_at_one_megapixel_in_the_default_folders(tmp_path, tiny_models):
+    model = build_tiny_pipeline(tiny_models / "tiny-edit-v1", flavour="edit-v1")
+    demo = generate_demo_dataset(tmp_path / "data", n_train=1, n_eval=0, size=IMAGE_SIZE)
+    config = parse_train_config({"model_flavour": "edit-v1", "pretrained_model_name_or_path": str(model)})
+    entries = [
+        {"id": "edits", "instance_data_dir": str(demo.folder("train", "edited")), "resolution": RESOLUTION, "conditioning_data": ["reference"]},
+        {"id": "reference", "dataset_type": "conditioning", "instance_data_dir": str(demo.folder("train", "reference"))},
+    ]
+    data = parse_dataset_config(entries, "multidatabackend.json", config.flavour, tmp_path)
+    manifest, _ = build_manifest(data, config.flavour)
+
+    text, vae = build_text_cache(manifest, data, config, CPU), build_vae_cache(manifest, data, config, CPU)
+    assert counts(text) == counts(vae) == (1, 0, 0)
+    embeds_file = tmp_path / "cache" / "conditioning_image_embeds" / "edits" / "0000.safetensors"  # SPEC §4 default
+    latents_file = tmp_path / "cache" / "vae" / "edits" / "0000.safetensors"
+    assert sample_paths(data, config, manifest.iloc[0]) == SamplePaths(text=embeds_file, vae=latents_file)
+
+    prompt = load_file(str(embeds_file))
+    tokens = prompt["prompt_embeds"].shape[0]
+    assert prompt["prompt_embeds"].shape == (tokens, JOINT_DIM) and prompt["prompt_embeds_mask"].shape == (tokens,)
+    # the VL encoder sees the reference at ~1 MP: about (1024 / 28)^2 merged image tokens
+    assert tokens > (1024 // 28) ** 2
+
+    latents = load_file(str(latents_file))
+    assert set(latents) == {"target", "reference_0"}
+    assert latents["target"].shape == (16, 8, 8)  # the target at its bucket
+    assert latents["reference_0"].shape == (16, 128, 128)  # the reference at 1024 x 1024, as QwenImageEditPipeline
+
+    text, vae = build_text_cache(manifest, data, config, CPU), build_vae_cache(manifest, data, config, CPU)
+    assert counts(text) == counts(vae) == (0, 1, 0)
+
+
+def test_touching_a_file_without_changing_it_encodes_nothing_and_refreshes_the_shortcut(cached):
+    import os
+
+    from trainer.data.caches import stored_metadata
+
+    target = cached.folder("edited") / "0001.png"
+    os.utime(target, ns=(1_000_000_000, 1_000_000_000))
+    quick_before = stored_metadata(cached.vae_dir / "0001.safetensors")["quick"]
+    text, vae = cached.build()
+    assert counts(text) == counts(vae) == (0, 4, 0)  # contents hashed, found equal: nothing encoded
+    assert stored_metadata(cached.vae_dir / "0001.safetensors")["quick"] != quick_before  # shortcut now matches
+    after_refresh = identities(cached.vae_dir)
+    cached.build()
+    assert identities(cached.vae_dir) == after_refresh

@@ -1,0 +1,57 @@
+"""The exported LoRA: diffusers format with adapter metadata, and the same weights in ComfyUI's keys."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.conftest import prepare_small_project
+from trainer.data.images import load_rgb
+from trainer.model.lora import COMFYUI_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from trainer.training.recipe import run_training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    """rank 4 with alpha 8 (scale 2), so a loader that ignored alpha would give a different output."""
+    root = tmp_path_factory.mktemp("lora")
+    project = prepare_small_project(root, demo_root, lora_rank=4, lora_alpha=8, max_train_steps=3)
+    run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
+    return project
+
+
+def test_diffusers_file_carries_rank_and_alpha(trained):
+    import json
+
+    with safe_open(str(trained.lora_dir / LORA_WEIGHTS_NAME), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.r"] == 4
+    assert metadata["transformer.lora_alpha"] == 8
+
+
+def test_comfyui_file_uses_diffusion_model_keys_with_alphas(trained):
+    keys = load_file(trained.lora_dir / COMFYUI_WEIGHTS_NAME)
+    assert all(k.startswith("diffusion_model.transformer_blocks.") for k in keys)
+    alphas = {k: v for k, v in keys.items() if k.endswith(".alpha")}
+    assert alphas and all(float(v) == 8.0 for v in alphas.values())
+    assert len(alphas) * 2 == len(keys) - len(alphas)  # one alpha per A/B pair
+
+
+def test_both_formats_load_into_diffusers_and_give_the_same_edit(trained):
+    from diffusers import QwenImageEditPlusPipeline
+
+    reference = load_rgb(trained.root / "data" / "eval" / "reference" / "0000.png")
+
+    def edit(weight_name=None):
+        pipe = QwenImageEditPlusPipeline.from_pretrained(trained.config.model_path)
+        pipe.set_progress_bar_config(disable=True)
+        if weight_name:
+            pipe.load_lora_weights(str(trained.lora_dir), weight_name=weight_name)
+        return pipe(image=[reference], prompt="make the square green", height=32, width=32, num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    base, diffusers_format, comfyui_format = edit(), edit(LORA_WEIGHTS_NAME), edit(COMFYUI_WEIGHTS_NAME)
+    assert not torch.allclose(base, diffusers_format, atol=1e-5)
+    torch.testing.assert_close(comfyui_format, diffusers_format, rtol=1e-5, atol=1e-6)

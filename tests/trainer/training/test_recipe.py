@@ -1,0 +1,172 @@
+"""The training recipe, run for real (accelerate launch of trainer.train) on the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import prepare_small_project, write_small_project
+from trainer.data.caches import build_text_cache, build_vae_cache
+from trainer.model.lora import LORA_WEIGHTS_NAME
+from trainer.training.checkpoints import checkpoint_dirs
+from trainer.workflow import check_data, load_project, training_command, training_env
+
+pytestmark = pytest.mark.slow
+
+
+def _launch(project, **overrides) -> subprocess.Popen:
+    return subprocess.Popen(
+        training_command(project, overrides), env=training_env(project), cwd=project.root,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(demo_root, tmp_path):
+    """Killed mid-run, then relaunched with resume_from_checkpoint=latest: same LoRA as an uninterrupted run."""
+    steps = 60
+    settings = dict(max_train_steps=steps, checkpointing_steps=5, gradient_accumulation_steps=2, lr_scheduler="cosine")
+    reference = prepare_small_project(tmp_path / "uninterrupted", demo_root, **settings)
+    assert _launch(reference).wait() == 0
+
+    project = prepare_small_project(tmp_path / "interrupted", demo_root, resume_from_checkpoint="latest", **settings)
+    process = _launch(project)
+    checkpoints = project.output_dir / "checkpoints"
+    deadline = time.time() + 300
+    while not checkpoint_dirs(checkpoints) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "training ended before it could be interrupted"
+    interrupted_at = int(checkpoint_dirs(checkpoints)[-1].name.split("-")[1])
+    assert 0 < interrupted_at < steps
+    assert not (project.lora_dir / LORA_WEIGHTS_NAME).exists()
+
+    resumed = _launch(project)
+    output, _ = resumed.communicate()
+    assert resumed.returncode == 0, output
+    summary = json.loads((project.output_dir / "training_summary.json").read_text())
+    assert summary["steps"] == steps
+    expected = load_file(reference.lora_dir / LORA_WEIGHTS_NAME)
+    actual = load_file(project.lora_dir / LORA_WEIGHTS_NAME)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert (expected[key] - actual[key]).abs().max() < 1e-6, key
+
+
+def test_repeats_show_each_sample_of_its_dataset_1_plus_repeats_times_per_epoch(demo_root, tmp_path):
+    from trainer.training.data_order import training_samples
+
+    config_path, data_path = write_small_project(tmp_path, demo_root / "demo" / "models", num_train_epochs=1, max_train_steps=0)
+    entries = json.loads(data_path.read_text())
+    entries[0]["repeats"] = 2
+    data_path.write_text(json.dumps(entries))
+    project = load_project(config_path, data_path, tmp_path)
+    manifest, _ = check_data(project)
+    samples = training_samples(manifest, project.dataset_config, project.config)
+    names = list(manifest[manifest["split"] == "train"]["name"])
+    assert sorted(name for name, _ in samples) == sorted(names * 3)
+    assert project.config.resolved_max_train_steps(len(samples)) == 3 * len(names)  # an epoch counts the repeats
+
+
+def test_checkpoints_rotate_to_the_limit(demo_root, tmp_path):
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=8, checkpointing_steps=2, checkpoints_total_limit=2)
+    process = _launch(project)
+    output, _ = process.communicate()
+    assert process.returncode == 0, output
+    assert [p.name for p in checkpoint_dirs(project.output_dir / "checkpoints")] == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_ema_caption_dropout_and_random_reference_sampling(demo_root, tmp_path):
+    """One run with every optional conditioning feature: each leaves its trace in caches and outputs."""
+    import json as _json
+
+    from trainer.data.caches import load_sample, sample_paths
+
+    config_path, data_path = write_small_project(
+        tmp_path, demo_root / "demo" / "models", max_train_steps=6, use_ema=True, ema_decay=0.9,
+        caption_dropout_probability=0.5,
+    )
+    entries = _json.loads(data_path.read_text())
+    entries[0]["conditioning_multidataset_sampling"] = "random"
+    data_path.write_text(_json.dumps(entries))
+    project = load_project(config_path, data_path, tmp_path)
+    manifest, _ = check_data(project)
+    build_text_cache(manifest, project.dataset_config, project.config)
+    build_vae_cache(manifest, project.dataset_config, project.config)
+
+    train_row = manifest[manifest["split"] == "train"].iloc[0]
+    sample = load_sample(sample_paths(project.dataset_config, project.config, train_row), train_row["name"])
+    assert sample.dropout_embeds is not None
+    assert len(sample.per_reference_embeds) == 3
+    # one reference in the prompt is a shorter sequence than three
+    assert sample.per_reference_embeds[0][0].shape[0] < sample.prompt_embeds.shape[0]
+
+    process = _launch(project)
+    output, _ = process.communicate()
+    assert process.returncode == 0, output
+    trained = load_file(project.lora_dir / LORA_WEIGHTS_NAME)
+    averaged = load_file(project.lora_dir / "ema" / LORA_WEIGHTS_NAME)
+    assert trained.keys() == averaged.keys()
+    assert any(not (trained[k] - averaged[k]).abs().max() < 1e-7 for k in trained)
+
+
+def test_validation_during_training_writes_a_report_per_interval(demo_root, tmp_path, isolated_mlflow):
+    from mlflow.tracking import MlflowClient
+
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=4, validation_step_interval=2, report_to="mlflow")
+    process = _launch(project)
+    output, _ = process.communicate()
+    assert process.returncode == 0, output
+    for step in (2, 4):
+        report = json.loads((project.output_dir / "validation" / f"step-{step}" / "report.json").read_text())
+        assert [r["name"] for r in report["rows"]] == ["0000"]
+        assert {"base_latent_mse", "lora_latent_mse"} <= report["summary"].keys()
+    run_id = json.loads((project.output_dir / "training_summary.json").read_text())["mlflow_run_id"]
+    history = MlflowClient(isolated_mlflow).get_metric_history(run_id, "validation_lora_latent_mse")
+    assert [m.step for m in history] == [2, 4]
+
+
+def test_scheduled_sampling_reaches_sigma_by_the_models_own_steps(demo_root, tmp_path):
+    """The rollout input starts at a noisier σ and differs from the ground-truth noised latent."""
+    import torch
+
+    from trainer.data.caches import load_sample, sample_paths
+    from trainer.model.loading import load_transformer
+    from trainer.training.flow_matching import add_noise
+    from trainer.training.loss import flow_matching_loss, rollout_input
+
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=1)
+    from trainer.workflow import load_manifest
+
+    first = load_manifest(project).iloc[0]
+    sample = load_sample(sample_paths(project.dataset_config, project.config, first), first["name"])
+    transformer = load_transformer(project.config, torch.float32)
+    sigma, noise = torch.tensor([0.5]), torch.randn((1, *sample.target.shape), generator=torch.Generator().manual_seed(0))
+    truth = add_noise(sample.target[None], noise, sigma)
+    rolled = rollout_input(transformer, sample, sigma, noise, offset=0.2, steps=2, dtype=torch.float32)
+    assert rolled.shape == truth.shape and not torch.allclose(rolled, truth)
+    # no offset: the rollout has nowhere to go and returns the ground truth
+    assert torch.allclose(rollout_input(transformer, sample, sigma, noise, 0.0, 2, torch.float32), truth, atol=1e-6)
+    assert torch.isfinite(flow_matching_loss(transformer, sample, sigma, noise, torch.float32, rolled))
+
+
+def test_training_with_scheduled_sampling_runs(demo_root, tmp_path):
+    from trainer.training.recipe import run_training
+
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=3, scheduled_sampling_probability=1.0)
+    result = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
+    assert result.steps == 3
+
+
+def test_latest_resumes_an_interrupted_run_but_not_a_finished_one(demo_root, tmp_path):
+    """Re-materialising after a finished run (say, new pairs arrived) trains again from scratch."""
+    from trainer.training.recipe import run_training
+
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=3, resume_from_checkpoint="latest")
+    first = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
+    again = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
+    assert first.steps == again.steps == 3
+    assert again.loss_history == first.loss_history  # same seed, same data: the same run again, not a no-op

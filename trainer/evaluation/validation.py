@@ -1,0 +1,251 @@
+"""Validation: edit every eval pair with the diffusers pipeline, without and with the trained LoRA.
+
+Generation is the pipeline's denoising loop (`trainer.evaluation.sampling`, proven equal to the pipeline's
+`__call__`): true CFG with `validation_guidance`, the negative prompt encoded with the same
+references, so a preview shows what users will get. Each row
+is scored against its target in latent space (meaningful even for random-weight test models)
+and in pixels (meaningful for real weights).
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from trainer.config.schema import TrainConfig
+from trainer.data.images import load_rgb
+from trainer.data.pairing import reference_paths
+from trainer.evaluation.sampling import EditConditioning, generate_latents
+from trainer.io import atomic_write_json, atomic_write_text
+from trainer.model.conditioning import encode_image_latents, encode_prompt, pack, prepare_references, preprocess_target
+from trainer.model.loading import compute_dtype, default_device, load_pipeline
+
+MAX_TRAIN_ROWS_WITHOUT_EVAL = 4
+PROMPT_ROW = "validation_prompt"  # the row that edits with the config's validation_prompt
+
+
+@dataclass
+class ValidationRow:
+    name: str
+    caption: str
+    references: list[str]
+    target: str
+    base_image: str = ""
+    lora_image: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ValidationReport:
+    rows: list[ValidationRow]
+    html_path: Path
+    grid_path: Path
+    summary: dict[str, float]
+    source_split: str
+
+    def to_json(self) -> dict:
+        return {
+            "rows": [asdict(r) for r in self.rows],
+            "html_path": str(self.html_path),
+            "grid_path": str(self.grid_path),
+            "summary": self.summary,
+            "source_split": self.source_split,
+        }
+
+
+def validation_rows(manifest: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The eval split; without one, the first training pairs (and the report says so)."""
+    evals = manifest[manifest["split"] == "eval"]
+    if len(evals):
+        return evals, "eval"
+    return manifest[manifest["split"] == "train"].head(MAX_TRAIN_ROWS_WITHOUT_EVAL), "train"
+
+
+@torch.no_grad()
+def decode_latents(pipe, tokens: torch.Tensor, width: int, height: int) -> Image.Image:
+    """The pipeline's own decode tail (unpack, de-normalise, VAE decode, postprocess)."""
+    vae = pipe.vae
+    latents = pipe._unpack_latents(tokens, height, width, pipe.vae_scale_factor).to(vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
+    image = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b.resize(a.size), dtype=np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@torch.no_grad()
+def encode_conditioning(pipe, config: TrainConfig, caption: str, references: list[Image.Image]) -> EditConditioning:
+    """Positive and negative prompt (both with the references, as the pipeline does) + reference latents."""
+    flavour = config.flavour
+    size = config.validation_size if config.model_kwargs.match_target_res else None
+    refs = prepare_references(pipe, flavour, references, size)
+    embeds, mask = encode_prompt(pipe, flavour, caption, refs)
+    negative, negative_mask = encode_prompt(pipe, flavour, config.validation_negative_prompt, refs)
+    return EditConditioning(
+        embeds[None], mask[None], negative[None], negative_mask[None],
+        [encode_image_latents(pipe, image) for image in refs.vae_images],
+    )
+
+
+def edit_latents(pipe, config: TrainConfig, cond: EditConditioning) -> torch.Tensor:
+    width, height = config.validation_size
+    return generate_latents(
+        pipe.transformer,
+        pipe.scheduler,
+        cond,
+        width,
+        height,
+        config.validation_num_inference_steps,
+        config.validation_guidance,
+        torch.Generator("cpu").manual_seed(config.validation_seed),
+        pipe.vae_scale_factor,
+    )
+
+
+def run_validation(
+    config: TrainConfig,
+    manifest: pd.DataFrame,
+    lora_dir: Path | None,
+    out_dir: Path,
+    device: torch.device | None = None,
+) -> ValidationReport:
+    """After training: a fresh pipeline, edits without and then with the exported LoRA file."""
+    device = device or default_device()
+    pipe = load_pipeline(config, device, compute_dtype(config, device))
+
+    def use(stage: str) -> None:
+        if stage == "lora":
+            pipe.load_lora_weights(str(lora_dir))
+
+    return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use)
+
+
+def run_live_validation(
+    transformer, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, device: torch.device, dtype: torch.dtype
+) -> ValidationReport:
+    """During training: the training transformer itself, its LoRA switched off for the base row."""
+    pipe = load_pipeline(config, device, dtype, transformer=False)
+    pipe.register_modules(transformer=transformer)
+    was_training = transformer.training
+    transformer.eval()
+
+    def use(stage: str) -> None:
+        transformer.disable_adapters() if stage == "base" else transformer.enable_adapters()
+
+    try:
+        return validate(pipe, config, manifest, out_dir, ("base", "lora"), use)
+    finally:
+        transformer.enable_adapters()
+        transformer.train(was_training)
+        pipe.register_modules(transformer=None)
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def validate(pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, stages: tuple[str, ...], use) -> ValidationReport:
+    """Edit every validation pair once per stage (`use(stage)` readies the pipe), score, write the report."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows_df, split = validation_rows(manifest)
+    width, height = config.validation_size
+    rows = [ValidationRow(r["name"], r["caption"], reference_paths(r), r["target_path"]) for _, r in rows_df.iterrows()]
+    if config.validation_prompt and rows:  # the user's own instruction on the first pair's references
+        rows.append(ValidationRow(PROMPT_ROW, config.validation_prompt, list(rows[0].references), target=""))
+    conditioning = {
+        row.name: encode_conditioning(pipe, config, row.caption, [load_rgb(p) for p in row.references])
+        for row in tqdm(rows, desc="validation: encoding", unit="pair")
+    }
+    outputs = {}
+    for stage in stages:
+        use(stage)
+        for row in tqdm(rows, desc=f"validation: {stage} edits", unit="pair"):
+            outputs[(stage, row.name)] = edit_latents(pipe, config, conditioning[row.name])
+    for row in rows:
+        row.references = [_copy_image(p, out_dir / "images" / f"{row.name}_reference_{i + 1}.png") for i, p in enumerate(row.references)]
+        images = {}
+        for stage in stages:
+            images[stage] = decode_latents(pipe, outputs[(stage, row.name)], width, height)
+            path = out_dir / "images" / f"{row.name}_{stage}.png"
+            images[stage].save(path)
+            setattr(row, f"{stage}_image", str(path))
+        if row.target:  # the validation_prompt row has no target to be scored against
+            target_image = load_rgb(row.target)
+            target = target_image.resize((width, height))
+            target_tokens = pack(encode_image_latents(pipe, preprocess_target(pipe, target_image, (width, height)))[None])
+            row.target = _copy_image(row.target, out_dir / "images" / f"{row.name}_target.png")
+            for stage in stages:
+                tokens = outputs[(stage, row.name)]
+                row.metrics[f"{stage}_latent_mse"] = float(torch.mean((tokens.float().cpu() - target_tokens.float().cpu()) ** 2))
+                row.metrics[f"{stage}_psnr"] = psnr(target, images[stage])
+    scored = [r for r in rows if r.metrics]
+    summary = {key: float(np.mean([r.metrics[key] for r in scored])) for key in (scored[0].metrics if scored else {})}
+    grid = write_grid(rows, out_dir / "validation_grid.png", cell=max(96, min(256, width)))
+    html = write_html(rows, out_dir / "report.html", config, split, summary)
+    report = ValidationReport(rows, html, grid, summary, split)
+    atomic_write_json(out_dir / "report.json", report.to_json())
+    return report
+
+
+def _copy_image(source: str, destination: Path) -> str:
+    """Copies beside the report, so the HTML works wherever it is opened (MLflow, Dagster, disk)."""
+    load_rgb(source).save(destination)
+    return str(destination)
+
+
+def write_grid(rows: list[ValidationRow], path: Path, cell: int) -> Path:
+    """One line per pair: references | base | LoRA | target."""
+    columns = max((len(r.references) for r in rows), default=1) + 3
+    grid = Image.new("RGB", (columns * cell, max(1, len(rows)) * cell), "white")
+    for y, row in enumerate(rows):
+        cells = [*row.references] + [""] * (columns - 3 - len(row.references)) + [row.base_image, row.lora_image, row.target]
+        for x, image_path in enumerate(cells):
+            if image_path:
+                grid.paste(load_rgb(image_path).resize((cell, cell)), (x * cell, y * cell))
+    grid.save(path)
+    return path
+
+
+def write_html(rows: list[ValidationRow], path: Path, config: TrainConfig, split: str, summary: dict) -> Path:
+    def img(p: str) -> str:
+        return f'<img src="{Path(p).relative_to(path.parent)}" width="160">' if p else ""
+
+    head = (
+        f"<h1>qwen-edit validation: {config.model_flavour}</h1>"
+        f"<p>model {config.model_path}; guidance {config.validation_guidance}; "
+        f"{config.validation_num_inference_steps} steps; {config.validation_resolution}; pairs from the {split} split</p>"
+        "<p>latent_mse: distance of the generated latent to the target's (lower is better); psnr in dB (higher is better)</p>"
+    )
+    table = ["<table border=1 cellpadding=4><tr><th>pair</th><th>instruction</th><th>reference(s)</th>"
+             "<th>base</th><th>LoRA</th><th>target</th><th>metrics</th></tr>"]
+    for r in rows:
+        metrics = "<br>".join(f"{k}: {v:.4f}" for k, v in r.metrics.items())
+        table.append(
+            f"<tr><td>{r.name}</td><td>{r.caption}</td><td>{''.join(img(p) for p in r.references)}</td>"
+            f"<td>{img(r.base_image)}</td><td>{img(r.lora_image)}</td><td>{img(r.target)}</td><td>{metrics}</td></tr>"
+        )
+    table.append("</table>")
+    means = "".join(f"<li>{k}: {v:.4f}</li>" for k, v in summary.items())
+    atomic_write_text(path, f"<html><body>{head}<h2>means</h2><ul>{means}</ul>{''.join(table)}</body></html>")
+    return path
+
+
+def log_to_mlflow(report: ValidationReport, run_id: str, tracking_uri: str) -> None:
+    """Attach the report, the grid and the mean metrics to the training run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"validation_{k}": v for k, v in report.summary.items()})
+        mlflow.log_artifacts(str(report.html_path.parent), artifact_path="validation")

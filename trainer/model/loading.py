@@ -1,0 +1,53 @@
+"""Loading the model components, always through diffusers' `from_pretrained`.
+
+The same calls load `Qwen/Qwen-Image-Edit` from the Hub, a local diffusers folder, or the
+tiny random-weight test model: nothing here knows which one it is given.
+"""
+
+import torch
+
+from trainer.config.schema import TrainConfig
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """bf16/fp16 on accelerators as configured; float32 on the CPU, where half types are slow."""
+    if device.type == "cpu" or config.mixed_precision == "no":
+        return torch.float32
+    return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+
+
+def load_pipeline(
+    config: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    transformer: bool = True,
+    text_encoder: bool = True,
+    vae: bool = True,
+):
+    """The flavour's diffusers pipeline; components not asked for are not loaded at all."""
+    skip = {
+        name: None
+        for name, wanted in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae))
+        if not wanted
+    }
+    pipe = config.flavour.pipeline_cls().from_pretrained(config.model_path, dtype=dtype, **skip)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_transformer(config: TrainConfig, dtype: torch.dtype):
+    from diffusers import QwenImageTransformer2DModel
+
+    kwargs = {}
+    if config.base_model_precision == "nf4-bnb":
+        from trainer.model.quantization import bnb_quantization_config
+
+        kwargs["quantization_config"] = bnb_quantization_config(config)
+    return QwenImageTransformer2DModel.from_pretrained(
+        config.model_path, subfolder="transformer", dtype=dtype, **kwargs
+    )

@@ -1,0 +1,82 @@
+"""The LoRA adapter: added with peft, saved in diffusers' format with its adapter metadata."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from trainer.training.sharding import full_tensor
+
+# The MMDiT's attention projections of both streams, as diffusers' Qwen-Image LoRA script targets.
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"
+
+
+def add_lora(transformer, rank: int, alpha: float, seed: int) -> list[torch.nn.Parameter]:
+    """Freeze the base, add a trainable LoRA; return its parameters (kept in float32)."""
+    transformer.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the adapter's initial weights depend on the seed alone
+        transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
+        )
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """The adapter's weights as full CPU tensors. Under FSDP each is gathered from its shards:
+    a collective, so every rank calls this."""
+    return {k: full_tensor(v).detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(transformer, state_dict)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA state has keys the model does not: {unexpected[:5]}")
+
+
+def adapter_metadata(transformer) -> dict:
+    """Rank and alpha travel with the file: without them a reload assumes alpha = rank."""
+    return transformer.peft_config["default"].to_dict()
+
+
+def save_lora(pipeline_cls, layers: dict[str, torch.Tensor], metadata: dict, out_dir: Path) -> Path:
+    """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(out_dir)` loads.
+
+    `layers` is `lora_state_dict(transformer)` and `metadata` `adapter_metadata(transformer)`:
+    gathered on every rank, written by one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saving-") as tmp:  # rename = atomic
+        pipeline_cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
+        os.replace(Path(tmp) / LORA_WEIGHTS_NAME, out_dir / LORA_WEIGHTS_NAME)
+    export_comfyui(out_dir / LORA_WEIGHTS_NAME, out_dir / COMFYUI_WEIGHTS_NAME, metadata["lora_alpha"])
+    return out_dir / LORA_WEIGHTS_NAME
+
+
+def export_comfyui(diffusers_file: Path, out_file: Path, alpha: float) -> Path:
+    """The same LoRA in ComfyUI's key format: `diffusion_model.<module>.lora_A/B.weight` + `.alpha`.
+
+    diffusers' `load_lora_weights` reads this format too (it converts `diffusion_model.` keys).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from trainer.io import atomic_write_with
+
+    tensors = {}
+    for key, value in load_file(str(diffusers_file)).items():
+        module_key = "diffusion_model." + key.removeprefix("transformer.")
+        tensors[module_key] = value
+        if key.endswith(".lora_A.weight"):
+            tensors[module_key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(alpha))
+    atomic_write_with(out_file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    return out_file

@@ -1,0 +1,51 @@
+"""The training step's arithmetic: the transformer called exactly as the pipeline's denoising step calls it."""
+
+import torch
+import torch.nn.functional as F
+
+from trainer.data.caches import CachedSample
+from trainer.model.conditioning import img_shapes, pack, unpack
+from trainer.training.flow_matching import add_noise, velocity_target
+
+
+def predict_velocity(transformer, sample: CachedSample, x_t: torch.Tensor, sigma: torch.Tensor, dtype) -> torch.Tensor:
+    """The transformer's velocity for the target tokens, called exactly as the pipeline's denoising step calls it."""
+    device = sigma.device
+    noisy = pack(x_t)
+    references = [pack(r[None].to(device, torch.float32)) for r in sample.references]
+    mask = sample.prompt_embeds_mask[None].to(device)
+    prediction = transformer(
+        hidden_states=torch.cat([noisy, *references], dim=1).to(dtype),
+        timestep=sigma.to(dtype),  # the pipeline passes t / 1000 = σ
+        encoder_hidden_states=sample.prompt_embeds[None].to(device, dtype),
+        encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # as the pipeline drops an all-ones mask
+        img_shapes=img_shapes(x_t[0], [r[None] for r in sample.references]),
+        return_dict=False,
+    )[0]
+    return prediction[:, : noisy.shape[1]]  # the target's tokens; references come after
+
+
+def flow_matching_loss(
+    transformer, sample: CachedSample, sigma: torch.Tensor, noise: torch.Tensor, dtype, x_t: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One sample's loss; `x_t` replaces the ground-truth noised latent (scheduled sampling)."""
+    x0 = sample.target[None].to(sigma.device, torch.float32)
+    x_t = add_noise(x0, noise, sigma) if x_t is None else x_t
+    prediction = predict_velocity(transformer, sample, x_t, sigma, dtype)
+    return F.mse_loss(prediction.float(), pack(velocity_target(x0, noise)).float())
+
+
+@torch.no_grad()
+def rollout_input(
+    transformer, sample: CachedSample, sigma: torch.Tensor, noise: torch.Tensor, offset: float, steps: int, dtype
+) -> torch.Tensor:
+    """Scheduled sampling: reach σ by the model's own Euler steps from a noisier σ + offset,
+    so training sees the kind of input it will meet at inference (exposure bias)."""
+    x0 = sample.target[None].to(sigma.device, torch.float32)
+    start = torch.clamp(sigma + offset, max=1.0)
+    x = add_noise(x0, noise, start)
+    sigmas = torch.linspace(float(start), float(sigma), steps + 1, device=sigma.device)
+    for current, following in zip(sigmas[:-1], sigmas[1:]):
+        velocity = predict_velocity(transformer, sample, x, current.reshape(1), dtype).float()
+        x = x + (following - current) * unpack(velocity, x.shape[-2], x.shape[-1])
+    return x

@@ -1,0 +1,376 @@
+"""The LoRA training recipe: setup -> train -> save -> cleanup, in the manner of torchtune's recipes.
+
+`trainer.train` is its `accelerate launch` entry point; the step's arithmetic is in
+`trainer.training.loss`, the data order in `trainer.training.data_order`.
+"""
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import DistributedType
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from trainer.config.schema import TrainConfig
+from trainer.data.caches import load_sample
+from trainer.data.dataset_config import DatasetConfig
+from trainer.data.pairing import read_manifest
+from trainer.errors import DataError
+from trainer.model.loading import load_transformer
+from trainer.model.lora import LORA_WEIGHTS_NAME, adapter_metadata, add_lora, load_lora_state_dict, lora_state_dict, save_lora
+from trainer.model.memory import OffloadActivations, offload_optimizer_state, use_expandable_segments
+from trainer.model.quantization import quantize_transformer
+from trainer.tracking.mlflow_run import MlflowRun
+from trainer.tracking.plots import plot_loss
+from trainer.tracking.reporting import Reporter, open_reporter
+from trainer.tracking.store import manifest_version
+from trainer.training import checkpoints as ckpt
+from trainer.training.data_order import (
+    SHARED_RANK,
+    conditioning_for_step,
+    micro_step_generator,
+    micro_step_sample,
+    training_samples,
+)
+from trainer.training.distributed import check_fsdp_config, make_accelerator, make_optimizer
+from trainer.training.flow_matching import sample_sigma
+from trainer.training.loss import flow_matching_loss, rollout_input
+from trainer.training.sharding import full_optimizer_state, load_optimizer_state
+
+SUMMARY_NAME = "training_summary.json"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    loss_history: list[float]
+    lora_path: Path
+    output_dir: Path
+    mlflow_run_id: str | None = None
+    mlflow_run_url: str | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "steps": self.steps,
+            "final_loss": self.final_loss,
+            "loss_history": self.loss_history,
+            "lora_path": str(self.lora_path),
+            "output_dir": str(self.output_dir),
+            "mlflow_run_id": self.mlflow_run_id,
+            "mlflow_run_url": self.mlflow_run_url,
+            "seconds": self.seconds,
+        }
+
+
+class LoraTrainingRecipe:
+    """setup -> train -> save -> cleanup, in the manner of torchtune's recipes."""
+
+    def __init__(self, config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path, tags: dict[str, str]):
+        self.config = config
+        self.dataset_config = dataset_config
+        self.project_root = project_root
+        self.tags = tags
+        manifest = read_manifest(manifest_path)
+        self.manifest = manifest
+        self.data_version = manifest_version(manifest_path)
+        self.samples = training_samples(manifest, dataset_config, config)
+        self.output_dir = dataset_config.resolve(config.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+
+    # -- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Each step's name says what it must come before; the order below is the one that works."""
+        self._check_caches()
+        self._setup_accelerator_before_cuda_starts()
+        transformer, params = self._setup_transformer_with_lora()
+        optimizer = self._setup_optimizer_before_prepare(params)
+        state = self._setup_resume_before_prepare(transformer)
+        self._setup_prepare(transformer, optimizer)
+        self._setup_ema_after_prepare()
+        self.start_step, self.loss_history = 0, []
+        if state is not None:
+            self._restore(state)
+        self.validation_reports = []
+
+    def _setup_accelerator_before_cuda_starts(self) -> None:
+        """The allocator setting only applies before CUDA's first use; the accelerator starts it."""
+        if torch.cuda.is_available():
+            use_expandable_segments()  # the reserved peak stays near the allocated one
+        self.accelerator = make_accelerator(self.config)
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded:
+            check_fsdp_config(self.config)  # before any model is loaded
+        self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision, torch.float32)
+        self.max_steps = self.config.resolved_max_train_steps(len(self.samples))
+
+    def _setup_transformer_with_lora(self) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+        """Load, quantise and freeze the base, then add the LoRA (peft wraps quanto's layers directly)."""
+        config = self.config
+        transformer = load_transformer(config, self.weight_dtype)
+        if config.base_model_precision not in ("no_change", "nf4-bnb"):
+            quantize_transformer(transformer, config, self.accelerator.device)
+        if not self.sharded:  # FSDP moves each shard to its card as it shards: the whole model never lands on one
+            transformer.to(self.accelerator.device)
+        params = add_lora(transformer, config.lora_rank, config.lora_scale_alpha, config.seed)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.offload = OffloadActivations() if config.offload_activations and self._on_gpu else nullcontext()
+        return transformer, params
+
+    def _setup_optimizer_before_prepare(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """Optimizer hooks go on the plain torch optimizer, before `prepare` wraps it."""
+        config = self.config
+        optimizer = make_optimizer(config, params)
+        if config.offload_optimizer_state and self._on_gpu:
+            offload_optimizer_state(optimizer)
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=self.max_steps
+        )
+        return optimizer
+
+    def _setup_resume_before_prepare(self, transformer: torch.nn.Module) -> ckpt.TrainingState | None:
+        """The checkpoint's LoRA is loaded as full tensors, before `prepare` shards them (FSDP)."""
+        self.resumed_from, state = self._checkpoint_to_resume()
+        if state is not None:
+            load_lora_state_dict(transformer, state.lora)
+        return state
+
+    def _setup_prepare(self, transformer: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.transformer, self.optimizer = self.accelerator.prepare(transformer, optimizer)
+        # FSDP2 replaces the parameters by sharded DTensors: clip, average and save those
+        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def _setup_ema_after_prepare(self) -> None:
+        """The EMA shadows the prepared (possibly sharded) parameters."""
+        config = self.config
+        self.ema_device = torch.device("cpu") if config.ema_device == "cpu" else self.accelerator.device
+        self.ema = (
+            EMAModel([p.detach().to(self.ema_device).clone() for p in self.params], decay=config.ema_decay)
+            if config.use_ema
+            else None
+        )
+
+    @property
+    def _on_gpu(self) -> bool:
+        return self.accelerator.device.type == "cuda"
+
+    def _checkpoint_to_resume(self) -> tuple[Path | None, ckpt.TrainingState | None]:
+        resume = ckpt.resolve_resume(self.checkpoint_root, self.config.resume_from_checkpoint)
+        state = ckpt.load_checkpoint(resume) if resume is not None else None
+        if state is None or not self._resumable(state):
+            return None, None
+        return resume, state
+
+    def _restore(self, state: ckpt.TrainingState) -> None:
+        """Optimiser, scheduler, step and EMA from a checkpoint (the LoRA is loaded before prepare)."""
+        load_optimizer_state(self.optimizer, state.optimizer)
+        self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        self.start_step, self.loss_history = state.step, list(state.loss_history)
+        if self.ema is not None and state.ema is not None:
+            self.ema.shadow_params = [state.ema[f"ema.{i}"].to(self.ema_device) for i in range(len(self.params))]
+            self.ema.optimization_step = state.ema_step
+
+    def _resumable(self, state: ckpt.TrainingState) -> bool:
+        """`latest` continues an interrupted run; a finished run or one on other data starts fresh."""
+        if self.config.resume_from_checkpoint != "latest":
+            return True  # a checkpoint named explicitly is always resumed
+        if state.step >= self.max_steps:
+            print(f"the latest checkpoint (step {state.step}) is of a finished run: training from scratch", flush=True)
+            return False
+        if state.data_version and state.data_version != self.data_version:
+            print("the latest checkpoint was trained on other data: training from scratch", flush=True)
+            return False
+        return True
+
+    def _check_caches(self) -> None:
+        if not self.samples:
+            raise DataError("the manifest has no training samples")
+        missing = [str(p.text if not p.text.exists() else p.vae) for _, p in self.samples if not (p.text.exists() and p.vae.exists())]
+        if missing:
+            raise DataError(
+                f"{len(missing)} sample(s) have no cache yet, e.g. {missing[0]}; materialise the text_embeds "
+                "and vae_latents assets (or run `qwen-edit cache`) before training"
+            )
+
+    # -- train ---------------------------------------------------------------------------
+    def train(self, reporter: Reporter, on_step=None) -> None:
+        config, accelerator = self.config, self.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        accumulation = config.gradient_accumulation_steps
+        self.transformer.train()
+        reporter.log(
+            f"training {self.max_steps} steps on {len(self.samples)} samples "
+            f"(accumulation {accumulation}, {world} process(es){', sharded by FSDP' if self.sharded else ''}, "
+            f"{accelerator.device}, from step {self.start_step})"
+        )
+        for step in range(self.start_step, self.max_steps):
+            losses = []
+            for micro in range(step * accumulation, (step + 1) * accumulation):
+                index = micro_step_sample(micro, len(self.samples), config.seed, world, rank)
+                generator = micro_step_generator(config.seed, micro, rank)
+                sample = load_sample(self.samples[index][1], self.samples[index][0])
+                sample = conditioning_for_step(sample, config.caption_dropout_probability, generator)
+                sigma = sample_sigma(config.flow_schedule_shift, generator).to(accelerator.device)
+                noise = torch.randn((1, *sample.target.shape), generator=generator).to(accelerator.device)
+                # under FSDP every forward pass needs every rank: whether to roll out is drawn alike on all of them
+                rollout = micro_step_generator(config.seed, micro, SHARED_RANK) if self.sharded else generator
+                x_t = self._scheduled_sampling_input(sample, sigma, noise, rollout)
+                with accelerator.accumulate(self.transformer):
+                    with self.offload:
+                        loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype, x_t)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+            if self.ema is not None:
+                # EMAModel averages only tensors that require grad (it copies the rest): mark the copies
+                self.ema.step([p.detach().to(self.ema_device).requires_grad_(True) for p in self.params])
+            self.lr_scheduler.step()
+            step_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
+            self.loss_history.append(step_loss)
+            if on_step is not None:
+                on_step(step + 1, step_loss, self.lr_scheduler.get_last_lr()[0])
+            if config.validation_step_interval and (step + 1) % config.validation_step_interval == 0:
+                self.validate(step + 1, reporter)
+            if (step + 1) % config.checkpointing_steps == 0 and step + 1 < self.max_steps:
+                self.save_checkpoint(step + 1)
+                reporter.log(f"step {step + 1}: checkpoint saved")
+
+    def _scheduled_sampling_input(self, sample, sigma, noise, generator) -> torch.Tensor | None:
+        config = self.config
+        if config.scheduled_sampling_probability <= 0:
+            return None
+        if float(torch.rand((), generator=generator)) >= config.scheduled_sampling_probability:
+            return None
+        offset = float(torch.rand((), generator=generator)) * config.scheduled_sampling_max_step_offset / 1000
+        return rollout_input(self.transformer, sample, sigma, noise, offset, config.scheduled_sampling_steps, self.weight_dtype)
+
+    def validate(self, step: int, reporter: Reporter) -> None:
+        """Rank 0 edits the validation pairs with the current LoRA; the report goes to validation/step-N."""
+        if self.accelerator.is_main_process:
+            from trainer.evaluation.validation import run_live_validation
+
+            out = self.output_dir / "validation" / f"step-{step}"
+            report = run_live_validation(
+                self.accelerator.unwrap_model(self.transformer), self.config, self.manifest, out,
+                self.accelerator.device, self.weight_dtype,
+            )
+            self.validation_reports.append((step, report))
+            reporter.log(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in report.summary.items()))
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self, step: int) -> None:
+        # every rank gathers (collectives under FSDP), rank 0 writes
+        lora, optimizer = lora_state_dict(self.accelerator.unwrap_model(self.transformer)), full_optimizer_state(self.optimizer)
+        if self.accelerator.is_main_process:
+            state = ckpt.TrainingState(
+                step=step,
+                lora=lora,
+                optimizer=optimizer,
+                lr_scheduler=self.lr_scheduler.state_dict(),
+                loss_history=self.loss_history,
+                ema={f"ema.{i}": p.detach().cpu() for i, p in enumerate(self.ema.shadow_params)} if self.ema else None,
+                ema_step=self.ema.optimization_step if self.ema else 0,
+                data_version=self.data_version,
+            )
+            ckpt.save_checkpoint(self.checkpoint_root, state, self.config.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def save_lora(self) -> Path:
+        """The trained LoRA in lora/; with use_ema, the EMA weights beside it in lora/ema/."""
+        path = self.output_dir / "lora"
+        self._write_lora(path)
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+            self._write_lora(path / "ema")
+            self.ema.restore(self.params)
+        self.accelerator.wait_for_everyone()
+        return path / LORA_WEIGHTS_NAME
+
+    def _write_lora(self, path: Path) -> None:
+        """Every rank gathers the LoRA (a collective under FSDP); rank 0 writes it."""
+        transformer = self.accelerator.unwrap_model(self.transformer)
+        layers = lora_state_dict(transformer)
+        if self.accelerator.is_main_process:
+            save_lora(self.config.flavour.pipeline_cls(), layers, adapter_metadata(transformer), path)
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()
+
+
+def run_training(
+    config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path, tags: dict[str, str]
+) -> TrainResult | None:
+    recipe = LoraTrainingRecipe(config, dataset_config, manifest_path, project_root, tags)
+    recipe.setup()
+    is_main = recipe.accelerator.is_main_process
+    started = time.time()
+    with open_reporter(is_main) as reporter:
+        tracker = MlflowRun(config, project_root, tags, manifest_path) if (is_main and config.report_to == "mlflow") else None
+        progress = _progress_bar(recipe, is_main)
+
+        def on_step(step: int, loss: float, lr: float) -> None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if tracker:
+                tracker.log_step(step, loss, lr)
+            if step % max(1, recipe.max_steps // 10) == 0 or step == recipe.max_steps:
+                reporter.log(f"step {step}/{recipe.max_steps} loss {loss:.5f} lr {lr:.2e}")
+
+        recipe.train(reporter, on_step)
+        progress.close()
+        lora_path = recipe.save_lora()
+        recipe.save_checkpoint(recipe.max_steps)
+        recipe.cleanup()
+        if not is_main:
+            return None
+        history = recipe.loss_history
+        result = TrainResult(
+            steps=len(history),
+            final_loss=float(np.mean(history[-max(1, len(history) // 10):])) if history else math.nan,
+            loss_history=history,
+            lora_path=lora_path,
+            output_dir=recipe.output_dir,
+            seconds=time.time() - started,
+        )
+        curve = plot_loss(history, recipe.output_dir / "loss_curve.png")
+        if tracker:
+            result.mlflow_run_id, result.mlflow_run_url = tracker.run_id, tracker.url
+            for step, report in recipe.validation_reports:
+                tracker.log_validation(step, report)
+            tracker.finish(result, curve)
+        from trainer.io import atomic_write_json
+
+        atomic_write_json(recipe.output_dir / SUMMARY_NAME, result.to_json())
+        reporter.materialization(
+            {
+                "final_loss": result.final_loss,
+                "steps": result.steps,
+                "lora_path": str(lora_path),
+                "lora_bytes": lora_path.stat().st_size,
+                "loss_curve": str(curve),
+                "mlflow_run_id": result.mlflow_run_id or "",
+                "mlflow_run_url": result.mlflow_run_url or "",
+                "resumed_from": str(recipe.resumed_from or ""),
+                "train_seconds": round(result.seconds, 2),
+            }
+        )
+        reporter.log(f"saved LoRA to {lora_path} (final loss {result.final_loss:.5f})")
+        return result
+
+
+def _progress_bar(recipe: LoraTrainingRecipe, is_main: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=recipe.max_steps, initial=recipe.start_step, desc="training", unit="step", disable=not is_main)
