@@ -15,7 +15,7 @@ MLFLOW_PORT ?= 5000
 # ignored and then cannot be stopped; reset both before exec so Ctrl-C and kill work everywhere.
 WITH_SIGNALS := $(PY) -c 'import os, signal, sys; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)]; os.execv(sys.argv[1], sys.argv[1:])'
 
-.PHONY: setup demo test test-integration ui mlflow-ui clean-demo
+.PHONY: setup system-packages demo test test-integration ui mlflow-ui clean-demo
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)
 
+## system-packages: Debian's chromium, chromium-driver, postgresql for the integration tests (installed when missing)
+system-packages:
+	bash scripts/system_packages.sh
+
 ## demo: tiny model + demo data, then materialise every asset with Dagster; prints where results are
 demo: setup
 	$(PY) -m trainer.cli demo-setup
@@ -32,11 +36,11 @@ demo: setup
 	$(PY) -m qwen_edit_assets.demo_summary
 
 ## test: the whole suite (CPU only, tiny model), the integration tests last
-test: setup
+test: setup system-packages
 	$(PY) -m pytest -q -p no:cacheprovider
 
 ## test-integration: only the integration tests (real Dagster servers, Chromium, PostgreSQL, MLflow server)
-test-integration: setup
+test-integration: setup system-packages
 	$(PY) -m pytest -q -p no:cacheprovider -m integration tests/integration
 
 ## ui: Dagster webserver + daemon on 127.0.0.1:$(DAGSTER_PORT)

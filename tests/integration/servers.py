@@ -157,7 +157,7 @@ def postgres_bindir() -> Path:
         if (folder / "initdb").is_file() and (folder / "postgres").is_file():
             return folder
     raise AssertionError("the PostgreSQL tests need the server binaries (initdb, postgres): "
-                         "apt-get install -y --no-install-recommends postgresql (.ci/run installs it)")
+                         "apt-get install -y --no-install-recommends postgresql (make test installs it: make system-packages)")
 
 
 class PostgresServer:
