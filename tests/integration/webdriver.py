@@ -25,7 +25,7 @@ def find_browser() -> tuple[str, str]:
     missing = [name for name, path in (("chromium", chromium), ("chromium-driver", driver)) if not path]
     assert not missing, (
         f"browser tests need {' and '.join(missing)}: apt-get install -y --no-install-recommends chromium chromium-driver "
-        "(.ci/run installs them)"
+        "(make test installs them: make system-packages)"
     )
     return chromium, driver
 
