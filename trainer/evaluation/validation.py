@@ -4,10 +4,10 @@ Generation is the pipeline's denoising loop (`trainer.evaluation.sampling`, prov
 `__call__`): true CFG with `validation_guidance`, the negative prompt encoded with the same
 references, so a preview shows what users will get. Each row
 is scored against its target in latent space (meaningful even for random-weight test models)
-and in pixels (meaningful for real weights).
+and in pixels (`trainer.evaluation.metrics`: PSNR, SSIM, edit success, preservation, pixel
+shift; meaningful for a model whose VAE reconstructs images, real or the trained demo model).
 """
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from trainer.config.schema import TrainConfig
 from trainer.data.images import load_rgb
 from trainer.data.pairing import reference_paths
+from trainer.evaluation.metrics import HIGHER_IS_BETTER, edit_metrics
 from trainer.evaluation.sampling import EditConditioning, generate_latents
 from trainer.io import atomic_write_json, atomic_write_text
 from trainer.model.conditioning import encode_image_latents, encode_prompt, pack, prepare_references, preprocess_target
@@ -75,13 +76,6 @@ def decode_latents(pipe, tokens: torch.Tensor, width: int, height: int) -> Image
     std = torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
     image = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b.resize(a.size), dtype=np.float64)
-    mse = float(np.mean((x - y) ** 2))
-    return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 @torch.no_grad()
@@ -182,20 +176,26 @@ def validate(pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, s
             setattr(row, f"{stage}_image", str(path))
         if row.target:  # the validation_prompt row has no target to be scored against
             target_image = load_rgb(row.target)
-            target = target_image.resize((width, height))
+            reference_image = load_rgb(row.references[0])  # the image being edited: preservation and shift are against it
             target_tokens = pack(encode_image_latents(pipe, preprocess_target(pipe, target_image, (width, height)))[None])
             row.target = _copy_image(row.target, out_dir / "images" / f"{row.name}_target.png")
             for stage in stages:
                 tokens = outputs[(stage, row.name)]
                 row.metrics[f"{stage}_latent_mse"] = float(torch.mean((tokens.float().cpu() - target_tokens.float().cpu()) ** 2))
-                row.metrics[f"{stage}_psnr"] = psnr(target, images[stage])
-    scored = [r for r in rows if r.metrics]
-    summary = {key: float(np.mean([r.metrics[key] for r in scored])) for key in (scored[0].metrics if scored else {})}
+                for name, value in edit_metrics(images[stage], target_image, reference_image).items():
+                    row.metrics[f"{stage}_{name}"] = value
+    summary = mean_metrics(rows)
     grid = write_grid(rows, out_dir / "validation_grid.png", cell=max(96, min(256, width)))
     html = write_html(rows, out_dir / "report.html", config, split, summary)
     report = ValidationReport(rows, html, grid, summary, split)
     atomic_write_json(out_dir / "report.json", report.to_json())
     return report
+
+
+def mean_metrics(rows: list[ValidationRow]) -> dict[str, float]:
+    """Each metric's mean over the rows that have it (a pair whose target equals its reference has no edit_success)."""
+    keys = dict.fromkeys(key for row in rows for key in row.metrics)
+    return {key: float(np.mean([row.metrics[key] for row in rows if key in row.metrics])) for key in keys}
 
 
 def _copy_image(source: str, destination: Path) -> str:
@@ -217,6 +217,42 @@ def write_grid(rows: list[ValidationRow], path: Path, cell: int) -> Path:
     return path
 
 
+METRICS_LEGEND = (
+    "psnr, ssim: the output against the target (higher is better); edit_success: PSNR against the target "
+    "inside the pixels the edit changes (did the edit happen?); preservation: PSNR against the reference "
+    "outside them (did the rest stay?); pixel_shift: translation of the output against the reference in "
+    "pixels (0 is best; shift_x/shift_y its signed parts); latent_mse: distance of the generated latent to "
+    "the target's (lower is better). PSNRs in dB, 100 for identical pixels."
+)
+
+
+STAGE_TITLES = {"base": "base", "lora": "LoRA"}
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """`{stage}_{metric}` values as metric | base | LoRA rows, the better stage in bold where the direction is known."""
+    stages = [s for s in STAGE_TITLES if any(k.startswith(f"{s}_") for k in metrics)]
+    names = list(dict.fromkeys(k.split("_", 1)[1] for k in metrics))
+    lines = ["<table border=1 cellpadding=4><tr><th>metric</th>" + "".join(f"<th>{STAGE_TITLES[s]}</th>" for s in stages) + "</tr>"]
+    for name in names:
+        values = {s: metrics.get(f"{s}_{name}") for s in stages}
+        best = _better_stage(name, values)
+        cells = "".join(
+            "<td></td>" if v is None else (f"<td><b>{v:.4f}</b></td>" if s == best else f"<td>{v:.4f}</td>")
+            for s, v in values.items()
+        )
+        lines.append(f"<tr><td>{name}</td>{cells}</tr>")
+    return "".join(lines) + "</table>"
+
+
+def _better_stage(name: str, values: dict[str, float | None]) -> str | None:
+    higher_is_better = {**HIGHER_IS_BETTER, "latent_mse": False}.get(name)  # None: no direction (shift_x, shift_y)
+    known = {s: v for s, v in values.items() if v is not None}
+    if higher_is_better is None or len(known) < 2 or len(set(known.values())) == 1:
+        return None
+    return (max if higher_is_better else min)(known, key=known.get)
+
+
 def write_html(rows: list[ValidationRow], path: Path, config: TrainConfig, split: str, summary: dict) -> Path:
     def img(p: str) -> str:
         return f'<img src="{Path(p).relative_to(path.parent)}" width="160">' if p else ""
@@ -225,19 +261,18 @@ def write_html(rows: list[ValidationRow], path: Path, config: TrainConfig, split
         f"<h1>qwen-edit validation: {config.model_flavour}</h1>"
         f"<p>model {config.model_path}; guidance {config.validation_guidance}; "
         f"{config.validation_num_inference_steps} steps; {config.validation_resolution}; pairs from the {split} split</p>"
-        "<p>latent_mse: distance of the generated latent to the target's (lower is better); psnr in dB (higher is better)</p>"
+        f"<p>{METRICS_LEGEND}</p>"
     )
     table = ["<table border=1 cellpadding=4><tr><th>pair</th><th>instruction</th><th>reference(s)</th>"
              "<th>base</th><th>LoRA</th><th>target</th><th>metrics</th></tr>"]
     for r in rows:
-        metrics = "<br>".join(f"{k}: {v:.4f}" for k, v in r.metrics.items())
+        metrics = metrics_table(r.metrics) if r.metrics else ""
         table.append(
             f"<tr><td>{r.name}</td><td>{r.caption}</td><td>{''.join(img(p) for p in r.references)}</td>"
             f"<td>{img(r.base_image)}</td><td>{img(r.lora_image)}</td><td>{img(r.target)}</td><td>{metrics}</td></tr>"
         )
     table.append("</table>")
-    means = "".join(f"<li>{k}: {v:.4f}</li>" for k, v in summary.items())
-    atomic_write_text(path, f"<html><body>{head}<h2>means</h2><ul>{means}</ul>{''.join(table)}</body></html>")
+    atomic_write_text(path, f"<html><body>{head}<h2>means</h2>{metrics_table(summary)}<h2>pairs</h2>{''.join(table)}</body></html>")
     return path
 
 

@@ -11,6 +11,8 @@ from tests.conftest import write_small_project
 from trainer.evaluation.validation import PROMPT_ROW, run_validation
 from trainer.workflow import check_data, load_project
 
+EDIT_METRICS = ("latent_mse", "psnr", "ssim", "edit_success", "preservation", "pixel_shift", "shift_x", "shift_y")
+
 
 def test_validation_prompt_adds_an_unscored_row_on_the_first_pairs_references(demo_root, tmp_path):
     config_path, data_path = write_small_project(
@@ -27,7 +29,7 @@ def test_validation_prompt_adds_an_unscored_row_on_the_first_pairs_references(de
     assert Image.open(prompt_row.base_image).size == project.config.validation_size
     assert prompt_row.target == "" and prompt_row.metrics == {}  # nothing to score against
     for row in pairs:
-        assert set(row.metrics) == {"base_latent_mse", "base_psnr"} and Path(row.target).is_file()
+        assert set(row.metrics) == {f"base_{m}" for m in EDIT_METRICS} and Path(row.target).is_file()
     assert report.summary["base_psnr"] == pytest.approx(sum(r.metrics["base_psnr"] for r in pairs) / len(pairs))
 
     html = report.html_path.read_text()
@@ -42,3 +44,28 @@ def test_without_validation_prompt_the_report_holds_the_eval_pairs_only(demo_roo
     report = run_validation(project.config, manifest, None, project.validation_dir)
     assert [r.name for r in report.rows] == list(manifest[manifest["split"] == "eval"]["name"])
     assert all(r.metrics for r in report.rows)
+
+
+def test_the_report_scores_base_and_lora_side_by_side(demo_root, tmp_path):
+    """Means and per-pair metrics as metric | base | LoRA tables in the HTML, the same numbers in report.json."""
+    from trainer.evaluation.validation import ValidationRow, mean_metrics, metrics_table
+
+    rows = [ValidationRow("a", "x", [], "t", metrics={"base_psnr": 10.0, "lora_psnr": 20.0, "base_pixel_shift": 1.0, "lora_pixel_shift": 3.0}),
+            ValidationRow("b", "x", [], "t", metrics={"base_psnr": 12.0, "lora_psnr": 30.0, "base_pixel_shift": 0.0, "lora_pixel_shift": 0.0,
+                                                      "base_edit_success": 5.0, "lora_edit_success": 25.0})]
+    summary = mean_metrics(rows)
+    assert summary == {"base_psnr": 11.0, "lora_psnr": 25.0, "base_pixel_shift": 0.5, "lora_pixel_shift": 1.5,
+                       "base_edit_success": 5.0, "lora_edit_success": 25.0}  # a metric a pair lacks is averaged over the others
+    table = metrics_table(summary)
+    assert "<th>base</th><th>LoRA</th>" in table
+    assert "<tr><td>psnr</td><td>11.0000</td><td><b>25.0000</b></td></tr>" in table  # higher is better
+    assert "<tr><td>pixel_shift</td><td><b>0.5000</b></td><td>1.5000</td></tr>" in table  # lower is better
+
+    project = load_project(*write_small_project(tmp_path, demo_root / "demo" / "models", n_eval=1), tmp_path)
+    manifest, _ = check_data(project)
+    report = run_validation(project.config, manifest, None, project.validation_dir)
+    html = report.html_path.read_text()
+    for name in ("edit_success", "preservation", "pixel_shift", "ssim"):
+        assert f"<td>{name}</td>" in html
+    saved = json.loads((project.validation_dir / "report.json").read_text())
+    assert saved["summary"] == pytest.approx(report.summary)
