@@ -8,14 +8,14 @@ from tests.conftest import prepare_small_project
 from tests.integration.servers import REPO
 
 pytestmark = pytest.mark.integration
-STEPS = 4
+N_TRAIN, STEPS = 8, 4  # one epoch over two processes: each draws half the samples
 
 
 def test_two_ranks_train_and_rank_0_alone_reports(demo_root, tmp_path, monkeypatch):
     from qwen_edit_assets.assets.training import trained_lora
     from qwen_edit_assets.resources import QwenEditProject
 
-    project = prepare_small_project(tmp_path, demo_root)
+    project = prepare_small_project(tmp_path, demo_root, n_train=N_TRAIN, max_train_steps=0, num_train_epochs=1)
     settings = yaml.safe_load((REPO / "config" / "accelerate" / "ddp.yaml").read_text())
     settings.update(use_cpu=True, num_processes=2)  # the same file, on this machine's CPU: two processes over gloo
     (tmp_path / "ddp-cpu.yaml").write_text(yaml.safe_dump(settings))
@@ -27,7 +27,6 @@ def test_two_ranks_train_and_rank_0_alone_reports(demo_root, tmp_path, monkeypat
         result = dg.materialize(
             [trained_lora], instance=instance, raise_on_error=False,
             resources={"project": resource, "pipes_subprocess_client": dg.PipesSubprocessClient()},
-            run_config={"ops": {"trained_lora": {"config": {"max_train_steps": STEPS}}}},
         )
         messages = [e.user_message for e in instance.all_logs(result.run_id)]
     failures = [e.event_specific_data.error.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"]

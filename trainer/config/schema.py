@@ -189,9 +189,14 @@ class TrainConfig(BaseModel):
         width, height = (int(v) for v in self.validation_resolution.split("x"))
         return width, height
 
-    def resolved_max_train_steps(self, samples_per_epoch: int) -> int:
-        """max_train_steps wins when set and > 0; otherwise epochs x optimizer steps per epoch."""
+    def resolved_max_train_steps(self, samples_per_epoch: int, world_size: int = 1) -> int:
+        """max_train_steps wins when set and > 0; otherwise epochs x optimizer steps per epoch.
+
+        Each optimizer step consumes world_size x accumulation samples (every process draws its
+        own), so an epoch, each sample once, takes samples / (world_size x accumulation) steps.
+        """
         if self.max_train_steps:
             return self.max_train_steps
         epochs = self.num_train_epochs or 1
-        return max(1, math.ceil(epochs * samples_per_epoch / self.gradient_accumulation_steps))
+        per_step = self.gradient_accumulation_steps * world_size
+        return max(1, math.ceil(epochs * samples_per_epoch / per_step))

@@ -109,7 +109,7 @@ class LoraTrainingRecipe:
         if self.sharded:
             check_fsdp_config(self.config)  # before any model is loaded
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision, torch.float32)
-        self.max_steps = self.config.resolved_max_train_steps(len(self.samples))
+        self.max_steps = self.config.resolved_max_train_steps(len(self.samples), self.accelerator.num_processes)
 
     def _setup_transformer_with_lora(self) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
         """Load, quantise and freeze the base, then add the LoRA (peft wraps quanto's layers directly)."""
