@@ -1,11 +1,8 @@
 """Encoder caches: prompt embeddings (with the references) and VAE latents, encoded incrementally."""
 
-import hashlib
-
 import dagster as dg
 import pandas as pd
 
-from qwen_edit_assets.assets.pairing import manifest_version
 from qwen_edit_assets.resources import QwenEditProject
 
 GROUP = "caches"
@@ -24,14 +21,14 @@ def _cache_asset(kind: str, name: str, description: str) -> dg.AssetsDefinition:
     )
     def cache_asset(context: dg.AssetExecutionContext, project: QwenEditProject, pairing_manifest: pd.DataFrame):
         from trainer.data.caches import build_text_cache, build_vae_cache, verify_cache
+        from trainer.data.versions import cache_version
 
         loaded = project.load()
         build = build_text_cache if kind == "text" else build_vae_cache
         stats = build(pairing_manifest, loaded.dataset_config, loaded.config)
         context.log.info(f"{name}: {stats.encoded} encoded, {stats.reused} reused, {stats.pruned} pruned")
-        # same manifest + same encoder settings = same cache: the UI shows downstream staleness from this
-        settings = f"{loaded.config.model_flavour}|{loaded.config.model_path}|{loaded.config.model_kwargs.match_target_res}"
-        version = f"{manifest_version(pairing_manifest)}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+        # from the cache files' own keys: the UI shows downstream staleness exactly when a file changed
+        version = cache_version(pairing_manifest, loaded.dataset_config, loaded.config, kind)
         yield dg.MaterializeResult(metadata=stats.as_metadata(), data_version=dg.DataVersion(version))
         problems = verify_cache(pairing_manifest, loaded.dataset_config, loaded.config, kind)
         yield dg.AssetCheckResult(

@@ -20,6 +20,7 @@ def pairing_manifest_asset(raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
     )
     def pairing_manifest(context: dg.AssetExecutionContext, project: QwenEditProject):
         from trainer.data.pairing import PairingError
+        from trainer.data.versions import manifest_version
         from trainer.workflow import check_data
 
         loaded = project.load()
@@ -43,7 +44,8 @@ def pairing_manifest_asset(raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
                 "manifest_path": dg.MetadataValue.path(str(loaded.manifest_path)),
                 "preview": dg.MetadataValue.md(_preview(manifest)),
             },
-            data_version=dg.DataVersion(manifest_version(manifest)),
+            # the file's version: the same id the MLflow run's manifest_version tag and checkpoints carry
+            data_version=dg.DataVersion(manifest_version(loaded.manifest_path)),
         )
         yield dg.AssetCheckResult(
             check_name="no_orphan_references",
@@ -53,12 +55,6 @@ def pairing_manifest_asset(raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
         )
 
     return pairing_manifest
-
-
-def manifest_version(manifest: pd.DataFrame) -> str:
-    import hashlib
-
-    return hashlib.sha256(pd.util.hash_pandas_object(manifest.astype(str), index=False).values.tobytes()).hexdigest()[:16]
 
 
 def _preview(manifest: pd.DataFrame, rows: int = 8) -> str:

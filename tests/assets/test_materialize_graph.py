@@ -121,6 +121,20 @@ def test_mlflow_run_has_params_loss_history_and_artifacts(materialized):
     assert "validation_lora_latent_mse" in run.data.metrics
 
 
+def test_one_data_version_in_dagster_mlflow_and_the_checkpoint(materialized):
+    """The manifest's id is the same on pairing_manifest, on trained_lora, in MLflow and in the checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.training.checkpoints import load_checkpoint
+
+    result, out, uri = materialized
+    dagster_version = _materialization(result, "pairing_manifest").tags["dagster/data_version"]
+    lora = _materialization(result, "trained_lora").metadata
+    run = MlflowClient(uri).get_run(lora["mlflow_run_id"].value)
+    checkpoint = load_checkpoint(out / "checkpoints" / f"checkpoint-{TRAIN_STEPS}")
+    assert dagster_version == run.data.tags["manifest_version"] == checkpoint.data_version == lora["data_version"].value
+
+
 def test_a_missing_reference_stops_the_graph_at_the_manifest(demo_root, tmp_path, isolated_mlflow):
     """One deleted reference: pairing_manifest fails naming that file; nothing downstream runs."""
     shutil.copytree(demo_root / "demo", tmp_path / "demo")

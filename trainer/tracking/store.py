@@ -3,12 +3,13 @@
 Paths are always absolute (MLflow resolves relative sqlite URIs against the working directory).
 """
 
-import hashlib
 import json
 import os
 import subprocess
 from pathlib import Path
 from urllib.parse import quote
+
+from trainer.data.versions import manifest_version
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 DEFAULT_UI = "http://127.0.0.1:5000"
@@ -55,11 +56,6 @@ def compare_url(uri: str, experiment_ids: list[str], run_ids: list[str], ui: str
         return quote(json.dumps([str(v) for v in values], separators=(",", ":")), safe="[],")
 
     return f"{ui_base(uri, ui)}/#/compare-runs?runs={as_json(run_ids)}&experiments={as_json(experiment_ids)}"
-
-
-def manifest_version(path: Path) -> str:
-    """The pairing manifest's content version: sha256 of its bytes, 16 hex digits."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def git_revision(*folders: Path) -> str:

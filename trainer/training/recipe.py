@@ -20,6 +20,7 @@ from trainer.config.schema import TrainConfig
 from trainer.data.caches import load_sample
 from trainer.data.dataset_config import DatasetConfig
 from trainer.data.pairing import read_manifest
+from trainer.data.versions import manifest_version
 from trainer.errors import DataError
 from trainer.model.loading import load_transformer
 from trainer.model.lora import LORA_WEIGHTS_NAME, adapter_metadata, add_lora, load_lora_state_dict, lora_state_dict, save_lora
@@ -28,7 +29,6 @@ from trainer.model.quantization import quantize_transformer
 from trainer.tracking.mlflow_run import MlflowRun
 from trainer.tracking.plots import plot_loss
 from trainer.tracking.reporting import Reporter, open_reporter
-from trainer.tracking.store import manifest_version
 from trainer.training import checkpoints as ckpt
 from trainer.training.data_order import (
     SHARED_RANK,
@@ -363,6 +363,7 @@ def run_training(
                 "mlflow_run_id": result.mlflow_run_id or "",
                 "mlflow_run_url": result.mlflow_run_url or "",
                 "resumed_from": str(recipe.resumed_from or ""),
+                "data_version": recipe.data_version,  # the manifest's: as on pairing_manifest, in MLflow, in checkpoints
                 "train_seconds": round(result.seconds, 2),
             }
         )
