@@ -9,9 +9,12 @@ LoRA on the transformer with flow matching exactly as the diffusers pipeline con
 """
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 from trainer.config.parsing import parse_override
+from trainer.errors import QwenEditError
 from trainer.training.recipe import run_training
 
 
@@ -27,14 +30,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input (config, data, stale caches) ends with one `error:` line and exit status 2, no traceback."""
+    args = parse_args(argv)
+    try:
+        return _train(args)
+    except QwenEditError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
     from trainer.workflow import load_project
 
-    args = parse_args(argv)
     overrides = dict(parse_override(o) for o in args.overrides)
     project = load_project(args.config, args.data, args.project_root, overrides)
     tags = dict(t.split("=", 1) for t in args.tags)
-    run_training(project.config, project.dataset_config, args.manifest, project.root, tags)
+    run_training(project.config, project.dataset_config, args.manifest, project.root, tags, cache_command(project, args.overrides))
     return 0
+
+
+def cache_command(project, overrides: list[str]) -> str:
+    """The `qwen-edit cache` call that (re)builds the caches this run reads."""
+    command = ["qwen-edit", "cache", "--config", str(project.config_path), "--data", str(project.data_path), "--root", str(project.root)]
+    for override in overrides:
+        command += ["--set", override]
+    return shlex.join(command)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,8 @@ def training_command(
         launch = accelerate_config_launch(Path(accelerate_config), gpus, num_processes)
     else:
         processes = num_processes or max(1, gpus)
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1"]
+        # --quiet: a failed process ends with its own message, not also accelerate's CalledProcessError traceback
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", str(processes), "--num_machines", "1"]
         launch += ["--dynamo_backend", "no", "--mixed_precision", "no" if gpus == 0 else project.config.mixed_precision]
         launch += ["--cpu"] if gpus == 0 else (["--multi_gpu"] if processes > 1 else [])
     command = launch + [
@@ -145,7 +146,7 @@ def accelerate_config_launch(config_file: Path, gpus: int, num_processes: int | 
     if not config_file.is_file():
         raise ConfigError(f"{ACCELERATE_CONFIG_ENV}={config_file}: no such accelerate config file")
     settings = yaml.safe_load(config_file.read_text()) or {}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file.resolve())]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(config_file.resolve())]
     if num_processes or not settings.get("num_processes"):
         launch += ["--num_processes", str(num_processes or max(1, gpus) * int(settings.get("num_machines") or 1))]
     return launch

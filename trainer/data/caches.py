@@ -21,11 +21,10 @@ from tqdm.auto import tqdm
 
 from trainer.config.schema import TrainConfig
 from trainer.data.dataset_config import DatasetConfig
-from trainer.data.images import load_rgb
+from trainer.data.images import crop_to_aspect, load_rgb
 from trainer.data.pairing import reference_paths
 from trainer.io import atomic_write_with
 from trainer.model.conditioning import (
-    crop_like_target,
     encode_image_latents,
     encode_prompt,
     prepare_references,
@@ -33,7 +32,9 @@ from trainer.model.conditioning import (
 )
 from trainer.model.loading import compute_dtype, default_device, load_pipeline
 
-CACHE_FORMAT = "1"  # bump when what a cache file holds changes
+# bump when what a cache file holds changes; "2": strict references cropped at their own
+# resolution, match_target_res references at the target's area and their own aspect ratio
+CACHE_FORMAT = "2"
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,17 @@ def target_size(dataset_config: DatasetConfig, row) -> tuple[int, int]:
 
 
 def strict_references(dataset_config: DatasetConfig, config: TrainConfig, row) -> tuple[bool, ...]:
-    """Per reference of the row: is it `reference_strict` (cropped and resized like its target)?"""
+    """Per reference of the row: is it `reference_strict` (cropped to its target's aspect ratio)?"""
     tset = dataset_config.training_set(dataset_config.by_id(row["dataset_id"]), config.flavour)
     return tuple(entry.conditioning_type == "reference_strict" for entry in tset.references[: int(row["n_references"])])
 
 
-def load_references(pipe, dataset_config: DatasetConfig, config: TrainConfig, row) -> list:
-    """The row's reference images; strict ones cropped to the target's bucket, as the target is."""
+def load_references(dataset_config: DatasetConfig, config: TrainConfig, row) -> list:
+    """The row's reference images at full resolution; strict ones centre-cropped to the aspect ratio
+    of the target's bucket. The pipeline's own preparation resizes them afterwards, as at inference."""
     size = target_size(dataset_config, row)
     return [
-        crop_like_target(pipe, load_rgb(path), size) if strict else load_rgb(path)
+        crop_to_aspect(load_rgb(path), *size) if strict else load_rgb(path)
         for path, strict in zip(reference_paths(row), strict_references(dataset_config, config, row))
     ]
 
@@ -215,7 +217,7 @@ def build_text_cache(
         nonlocal pipe
         pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, vae=False)
         size = target_size(dataset_config, row) if config.model_kwargs.match_target_res else None
-        images = load_references(pipe, dataset_config, config, row)
+        images = load_references(dataset_config, config, row)
         refs = prepare_references(pipe, config.flavour, images, size)
         tensors = {}
         tensors["prompt_embeds"], tensors["prompt_embeds_mask"] = encode_prompt(pipe, config.flavour, row["caption"], refs)
@@ -249,7 +251,7 @@ def build_vae_cache(
         pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, text_encoder=False)
         size = target_size(dataset_config, row)
         refs = prepare_references(
-            pipe, config.flavour, load_references(pipe, dataset_config, config, row),
+            pipe, config.flavour, load_references(dataset_config, config, row),
             size if config.model_kwargs.match_target_res else None,
         )
         tensors = {"target": encode_image_latents(pipe, preprocess_target(pipe, load_rgb(row["target_path"]), size))}

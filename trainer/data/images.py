@@ -156,6 +156,21 @@ def bucket_size(
     return _round_side(w), _round_side(h)
 
 
+def crop_to_aspect(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The largest centred crop of `image` with the aspect ratio width:height, at the image's own resolution.
+
+    A `reference_strict` reference gets its target's framing this way; the pipeline's own
+    preparation then resizes it, as at inference (resizing here first would blur it).
+    """
+    ratio = width / height
+    if image.width / image.height > ratio:  # wider than wanted: trim the sides
+        crop_w, crop_h = max(1, round(image.height * ratio)), image.height
+    else:  # taller: trim top and bottom
+        crop_w, crop_h = image.width, max(1, round(image.width / ratio))
+    left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
 def image_size_measure(width: int, height: int, resolution_type: str) -> float:
     """An image's size in the unit of `resolution` (and `minimum_image_size`) for this resolution_type."""
     if resolution_type == "pixel":

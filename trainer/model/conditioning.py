@@ -29,7 +29,10 @@ class ReferenceInputs:
 def prepare_references(
     pipe, flavour: Flavour, references: list[Image.Image], target_size: tuple[int, int] | None = None
 ) -> ReferenceInputs:
-    """`target_size` (width, height) is used only for edit-v2/v3 with match_target_res."""
+    """`target_size` (width, height) is used only for edit-v2/v3 with match_target_res: the VAE then
+    sees each reference at the target's area instead of `VAE_IMAGE_SIZE`, at the reference's own
+    aspect ratio (sides multiple of 32), which is what the pipeline does with its
+    `VAE_IMAGE_SIZE` set to that area (README: match_target_res at inference)."""
     if not flavour.is_plus:
         (reference,) = references
         width, height, _ = edit_v1.calculate_dimensions(1024 * 1024, reference.width / reference.height)
@@ -40,7 +43,10 @@ def prepare_references(
     for reference in references:
         ratio = reference.width / reference.height
         cond_w, cond_h = edit_plus.calculate_dimensions(edit_plus.CONDITION_IMAGE_SIZE, ratio)
-        vae_w, vae_h = target_size or edit_plus.calculate_dimensions(edit_plus.VAE_IMAGE_SIZE, ratio)
+        vae_area = edit_plus.VAE_IMAGE_SIZE if target_size is None else target_size[0] * target_size[1]
+        vae_w, vae_h = edit_plus.calculate_dimensions(vae_area, ratio)
+        # a side rounds to 0 only for extreme ratios at a tiny area, where the pipeline itself fails
+        vae_w, vae_h = max(vae_w, 32), max(vae_h, 32)
         prompt_images.append(pipe.image_processor.resize(reference, cond_h, cond_w))
         vae_images.append(pipe.image_processor.preprocess(reference, vae_h, vae_w).unsqueeze(2))
     return ReferenceInputs(prompt_images, vae_images)
@@ -68,12 +74,6 @@ def preprocess_target(pipe, target: Image.Image, size: tuple[int, int]) -> torch
     """The edit target at its bucket size (width, height), cropped to the bucket's aspect ratio."""
     width, height = size
     return pipe.image_processor.preprocess(target, height, width, resize_mode="crop").unsqueeze(2)
-
-
-def crop_like_target(pipe, reference: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """A `reference_strict` reference, resized and centre-cropped exactly as `preprocess_target` does its target."""
-    width, height = size
-    return pipe.image_processor.resize(reference, height, width, resize_mode="crop")
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

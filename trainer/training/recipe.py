@@ -17,7 +17,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from trainer.config.schema import TrainConfig
-from trainer.data.caches import load_sample
+from trainer.data.caches import load_sample, verify_cache
 from trainer.data.dataset_config import DatasetConfig
 from trainer.data.pairing import read_manifest
 from trainer.data.versions import manifest_version
@@ -43,6 +43,7 @@ from trainer.training.loss import flow_matching_loss, rollout_input
 from trainer.training.sharding import full_optimizer_state, load_optimizer_state
 
 SUMMARY_NAME = "training_summary.json"
+CACHE_COMMAND = "qwen-edit cache --config CONFIG"  # trainer.train names the exact command
 
 
 @dataclass
@@ -73,8 +74,12 @@ class TrainResult:
 class LoraTrainingRecipe:
     """setup -> train -> save -> cleanup, in the manner of torchtune's recipes."""
 
-    def __init__(self, config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path, tags: dict[str, str]):
+    def __init__(
+        self, config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path,
+        tags: dict[str, str], cache_command: str = CACHE_COMMAND,
+    ):
         self.config = config
+        self.cache_command = cache_command  # how the user rebuilds the caches, for the stale-cache error
         self.dataset_config = dataset_config
         self.project_root = project_root
         self.tags = tags
@@ -191,13 +196,20 @@ class LoraTrainingRecipe:
         return True
 
     def _check_caches(self) -> None:
+        """Every training sample's cache files exist and match this config and these files.
+
+        A cache built before e.g. caption dropout or `random` sampling was switched on lacks their
+        embeddings and would train without them. The fingerprints' stat shortcut keeps this cheap.
+        """
         if not self.samples:
             raise DataError("the manifest has no training samples")
-        missing = [str(p.text if not p.text.exists() else p.vae) for _, p in self.samples if not (p.text.exists() and p.vae.exists())]
-        if missing:
+        train = self.manifest[self.manifest["split"] == "train"]
+        stale = [p for kind in ("text", "vae") for p in verify_cache(train, self.dataset_config, self.config, kind)]
+        if stale:
             raise DataError(
-                f"{len(missing)} sample(s) have no cache yet, e.g. {missing[0]}; materialise the text_embeds "
-                "and vae_latents assets (or run `qwen-edit cache`) before training"
+                f"{len(stale)} cache file(s) are missing or were built from other settings or files, e.g. {stale[0]}; "
+                f"rebuild them with `{self.cache_command}` (or materialise the text_embeds and vae_latents assets) "
+                "before training"
             )
 
     # -- train ---------------------------------------------------------------------------
@@ -310,9 +322,10 @@ class LoraTrainingRecipe:
 
 
 def run_training(
-    config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path, tags: dict[str, str]
+    config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path, tags: dict[str, str],
+    cache_command: str = CACHE_COMMAND,
 ) -> TrainResult | None:
-    recipe = LoraTrainingRecipe(config, dataset_config, manifest_path, project_root, tags)
+    recipe = LoraTrainingRecipe(config, dataset_config, manifest_path, project_root, tags, cache_command)
     recipe.setup()
     is_main = recipe.accelerator.is_main_process
     started = time.time()

@@ -260,27 +260,163 @@ def test_changing_the_dataset_resolution_re_encodes_every_latent_at_the_new_buck
     assert latents["target"].shape == latents["reference_0"].shape == (16, 4, 4)  # 32 px / 8
 
 
-def test_a_strict_reference_is_cropped_and_resized_like_its_target_and_a_loose_one_is_left_alone(cached):
-    """reference_strict: the target's bucket crop comes before the pipeline's own reference sizing."""
+def test_a_strict_reference_is_cropped_to_its_targets_aspect_ratio_at_full_resolution_and_a_loose_one_is_left_alone(cached):
+    """reference_strict: the target's framing (a centred crop), no resizing; the pipeline's own
+    reference preparation does that afterwards, as at inference."""
     from trainer.data.caches import load_references
-    from trainer.model.loading import load_pipeline
 
     wide = np.random.default_rng(0).integers(0, 255, (2 * IMAGE_SIZE, 2 * IMAGE_SIZE + 1, 3), dtype=np.uint8)
     Image.fromarray(wide).save(cached.folder("reference") / "0000.png")  # 1.6% wider than its 32 x 32 target
-    pipe = load_pipeline(cached.config, CPU, torch.float32, transformer=False, text_encoder=False)
     row = cached.manifest().iloc[0]
     assert row["name"] == "0000"
 
-    strict = load_references(pipe, cached.dataset_config, cached.config, row)
-    assert [image.size for image in strict] == [(RESOLUTION, RESOLUTION)] * 2  # the target's bucket
+    strict = load_references(cached.dataset_config, cached.config, row)
+    # the square bucket's aspect ratio at each reference's own size: 64 x 65 -> 64 x 64, 32 x 32 kept
+    assert [image.size for image in strict] == [(2 * IMAGE_SIZE, 2 * IMAGE_SIZE), (IMAGE_SIZE, IMAGE_SIZE)]
     cropped = np.asarray(strict[0])
     assert any(np.array_equal(cropped, wide[:, left : left + 2 * IMAGE_SIZE]) for left in (0, 1))  # one column off, no rescale
 
     cached.loose = ("reference",)
-    loose = load_references(pipe, cached.dataset_config, cached.config, row)
-    assert [image.size for image in loose] == [(2 * IMAGE_SIZE + 1, 2 * IMAGE_SIZE), (RESOLUTION, RESOLUTION)]
+    loose = load_references(cached.dataset_config, cached.config, row)
+    assert [image.size for image in loose] == [(2 * IMAGE_SIZE + 1, 2 * IMAGE_SIZE), (IMAGE_SIZE, IMAGE_SIZE)]
     assert np.array_equal(np.asarray(loose[0]), wide)
     assert counts(cached.build_vae()) == (4, 0, 0)  # how references are prepared is part of every cache key
+
+
+def test_crop_to_aspect_takes_the_largest_centred_box_of_that_ratio():
+    from trainer.data.images import crop_to_aspect
+
+    pixels = np.arange(40 * 30 * 3, dtype=np.uint32).reshape(30, 40, 3).astype(np.uint8)
+    image = Image.fromarray(pixels)  # 40 wide, 30 high
+    assert np.array_equal(np.asarray(crop_to_aspect(image, 64, 64)), pixels[:, 5:35])  # sides trimmed
+    assert np.array_equal(np.asarray(crop_to_aspect(image, 64, 96)), pixels[:, 10:30])  # 2:3 -> 20 x 30
+    assert np.array_equal(np.asarray(crop_to_aspect(image, 128, 64)), pixels[5:25])  # 2:1 -> 40 x 20
+    assert crop_to_aspect(image, 160, 120).size == (40, 30)  # same ratio: untouched
+
+
+# --- the cache holds what the pipeline computes -----------------------------------------------------
+
+
+def first_transformer_call(model: Path, flavour: str, references: list, prompt: str, width: int, height: int) -> dict:
+    """What a real `pipeline(...)` call (no CFG) passes to its transformer at the first step."""
+    from tests.trainer.test_parity import transformer_calls
+    from trainer.model.loading import load_pipeline
+
+    def stop_after_the_first_step(pipe, step, timestep, callback_kwargs):
+        pipe._interrupt = True  # the pipeline's own early exit: the remaining steps are skipped
+        return callback_kwargs
+
+    config = parse_train_config({"model_flavour": flavour, "pretrained_model_name_or_path": str(model)})
+    pipe = load_pipeline(config, CPU, torch.float32)
+    with transformer_calls(pipe.transformer) as calls, torch.no_grad():
+        pipe(
+            image=references, prompt=prompt, width=width, height=height, num_inference_steps=2, true_cfg_scale=1.0,
+            generator=torch.Generator().manual_seed(0), output_type="latent",
+            callback_on_step_end=stop_after_the_first_step,
+        )
+    assert len(calls) == 1
+    return calls[0]
+
+
+def assert_sample_is_the_pipelines_input(sample, call: dict) -> None:
+    """Prompt embeddings, mask, reference tokens (after the target's) and img_shapes, bit for bit."""
+    from tests.trainer.test_parity import EXACT, assert_same_mask, expected_mask
+    from trainer.model.conditioning import img_shapes, pack
+
+    torch.testing.assert_close(call["encoder_hidden_states"], sample.prompt_embeds[None], **EXACT)
+    assert_same_mask(call["encoder_hidden_states_mask"], expected_mask(sample.prompt_embeds_mask))
+    target_tokens = sample.target.shape[-2] * sample.target.shape[-1] // 4
+    references = torch.cat([pack(latent[None]) for latent in sample.references], dim=1)
+    torch.testing.assert_close(call["hidden_states"][:, target_tokens:], references, **EXACT)
+    assert [list(s) for s in call["img_shapes"]] == [list(s) for s in img_shapes(sample.target, sample.references)]
+
+
+def test_a_strict_reference_trains_on_what_the_pipeline_makes_of_the_full_resolution_reference(cached, tiny_edit_v2, monkeypatch):
+    """A 260 x 256 reference of a target in a 64 x 64 bucket: the caches hold exactly what
+    QwenImageEditPlusPipeline computes from the reference centre-cropped to 256 x 256 (VL encoder at
+    ~384², VAE at VAE_IMAGE_SIZE), not from a 64 x 64 copy scaled back up.
+
+    VAE_IMAGE_SIZE (~1 MP) is lowered to 192² for the cache and the pipeline alike (both read the
+    module's constant): a 1 MP encode costs seconds on the tiny VAE and proves nothing more here."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
+
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 192 * 192)
+    cached.config = parse_train_config({"model_flavour": "edit-v2", "pretrained_model_name_or_path": str(tiny_edit_v2)})
+    cached.references = ("reference",)
+    reference = np.random.default_rng(1).integers(0, 256, (256, 260, 3), dtype=np.uint8)
+    Image.fromarray(reference).save(cached.folder("reference") / "0000.png")
+    row = cached.manifest().head(1)
+    assert row.iloc[0]["name"] == "0000" and row.iloc[0]["n_references"] == 1
+    build_text_cache(row, cached.dataset_config, cached.config, CPU)
+    build_vae_cache(row, cached.dataset_config, cached.config, CPU)
+    (sample,) = iter_samples(row, cached.dataset_config, cached.config)
+    assert sample.target.shape == (16, 8, 8) and sample.references[0].shape == (16, 24, 24)  # 192 / 8
+
+    cropped = Image.fromarray(reference[:, 2:258])  # the centred 256 x 256
+    call = first_transformer_call(tiny_edit_v2, "edit-v2", [cropped], row.iloc[0]["caption"], RESOLUTION, RESOLUTION)
+    assert_sample_is_the_pipelines_input(sample, call)
+
+
+def test_match_target_res_keeps_each_references_aspect_ratio_at_the_targets_area(cached):
+    """A 2:1 reference of a target in a 128 x 128 bucket enters the VAE at 192 x 96 (the target's
+    area, sides multiple of 32, as calculate_dimensions rounds), not stretched to 128 x 128."""
+    cached.loose = ("reference",)
+    cached.resolution = 128
+    Image.new("RGB", (4 * IMAGE_SIZE, 2 * IMAGE_SIZE), (200, 30, 30)).save(cached.folder("reference") / "0000.png")
+    build_vae_cache(cached.manifest().head(1), cached.dataset_config, cached.config, CPU)
+    latents = load_file(str(cached.vae_dir / "0000.safetensors"))
+    assert latents["target"].shape == (16, 16, 16)  # 128 x 128
+    assert latents["reference_0"].shape == (16, 96 // 8, 192 // 8)  # 2:1 kept, 18432 px ~ 128²
+    assert latents["reference_1"].shape == (16, 16, 16)  # square stays square
+
+
+def test_match_target_res_trains_on_what_the_pipeline_sees_with_vae_image_size_at_the_targets_area(cached, tiny_edit_v2, monkeypatch):
+    """README's recipe for inference with a match_target_res LoRA: QwenImageEditPlusPipeline with
+    its module's VAE_IMAGE_SIZE set to the output's area feeds the transformer exactly the cached
+    conditioning (a 2:1 loose reference and a square strict one)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
+
+    cached.loose = ("reference",)
+    cached.resolution = 128
+    wide = np.random.default_rng(2).integers(0, 256, (2 * IMAGE_SIZE, 4 * IMAGE_SIZE, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(cached.folder("reference") / "0000.png")
+    row = cached.manifest().head(1)
+    build_text_cache(row, cached.dataset_config, cached.config, CPU)
+    build_vae_cache(row, cached.dataset_config, cached.config, CPU)
+    (sample,) = iter_samples(row, cached.dataset_config, cached.config)
+
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 128 * 128)
+    references = [Image.fromarray(wide), Image.open(cached.folder("reference_2") / "0000.png").convert("RGB")]
+    call = first_transformer_call(tiny_edit_v2, "edit-v2", references, row.iloc[0]["caption"], 128, 128)
+    assert_sample_is_the_pipelines_input(sample, call)
+
+
+def test_a_cached_sample_equals_a_fresh_encode_of_its_files(first_pass):
+    """Values, not only shapes: each sample loaded from the caches equals its caption, target and
+    references encoded afresh with the tiny pipeline (trainer.model.conditioning, which
+    tests/trainer/test_parity.py holds against the pipelines)."""
+    from trainer.data.images import load_rgb
+    from trainer.data.pairing import reference_paths
+    from trainer.model.conditioning import encode_image_latents, encode_prompt, prepare_references, preprocess_target
+    from trainer.model.loading import load_pipeline
+
+    project = first_pass[0]
+    manifest = project.manifest()
+    pipe = load_pipeline(project.config, CPU, torch.float32, transformer=False)
+    bucket = (RESOLUTION, RESOLUTION)
+    samples = list(iter_samples(manifest, project.dataset_config, project.config))
+    assert [s.name for s in samples] == NAMES
+    for sample, row in zip(samples, manifest.to_dict("records"), strict=True):
+        refs = prepare_references(pipe, project.config.flavour, [load_rgb(p) for p in reference_paths(row)], bucket)
+        embeds, mask = encode_prompt(pipe, project.config.flavour, row["caption"], refs)
+        target = encode_image_latents(pipe, preprocess_target(pipe, load_rgb(row["target_path"]), bucket))
+        assert torch.equal(sample.prompt_embeds, embeds) and torch.equal(sample.prompt_embeds_mask, mask), row["name"]
+        assert torch.equal(sample.target, target), row["name"]
+        assert len(sample.references) == len(refs.vae_images) == 2
+        for cached_latent, image in zip(sample.references, refs.vae_images):
+            assert torch.equal(cached_latent, encode_image_latents(pipe, image)), row["name"]
+    # the samples differ from one another, so a file read for the wrong sample would show
+    assert not torch.equal(samples[0].target, samples[1].target)
 
 
 # --- damaged files --------------------------------------------------------------------------------

@@ -170,3 +170,45 @@ def test_latest_resumes_an_interrupted_run_but_not_a_finished_one(demo_root, tmp
     again = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
     assert first.steps == again.steps == 3
     assert again.loss_history == first.loss_history  # same seed, same data: the same run again, not a no-op
+
+
+def test_a_launch_on_caches_built_before_caption_dropout_was_switched_on_is_refused(demo_root, tmp_path):
+    """`accelerate launch -m trainer.train` started directly (no cache stage before it): caches built
+    without caption dropout hold no dropout embeddings, so training would silently skip the dropout.
+    It stops before loading the model with one error naming a stale file and the command that
+    rebuilds it, and no traceback."""
+    project = prepare_small_project(tmp_path, demo_root)
+    settings = json.loads(project.config_path.read_text())
+    project.config_path.write_text(json.dumps({**settings, "caption_dropout_probability": 0.1}))
+    process = _launch(project)
+    output, _ = process.communicate()
+    assert process.returncode != 0, output
+    assert "Traceback" not in output, output
+    (line,) = [line for line in output.splitlines() if line.startswith("error:")]
+    assert "missing or were built from other settings" in line and str(tmp_path / "cache") in line and ".safetensors" in line
+    assert f"qwen-edit cache --config {project.config_path}" in line
+    assert not (project.lora_dir / LORA_WEIGHTS_NAME).exists()
+
+
+def test_caches_built_before_random_sampling_was_switched_on_are_stale(demo_root, tmp_path):
+    """`random` sampling needs an embedding per reference: a `combined` cache is refused until rebuilt."""
+    from trainer.errors import DataError
+    from trainer.training.recipe import LoraTrainingRecipe
+
+    project = prepare_small_project(tmp_path, demo_root)
+    LoraTrainingRecipe(project.config, project.dataset_config, project.manifest_path, project.root, {})._check_caches()
+    entries = json.loads(project.data_path.read_text())
+    entries[0]["conditioning_multidataset_sampling"] = "random"
+    project.data_path.write_text(json.dumps(entries))
+    project = load_project(project.config_path, project.data_path, project.root)
+    recipe = LoraTrainingRecipe(project.config, project.dataset_config, project.manifest_path, project.root, {}, "REBUILD")
+    with pytest.raises(DataError, match="4 cache file.*/cache/text_embeds/edits/0000.safetensors.*`REBUILD`"):
+        recipe._check_caches()
+    build_text_cache(load_manifest_of(project), project.dataset_config, project.config)
+    recipe._check_caches()  # rebuilt: accepted
+
+
+def load_manifest_of(project):
+    from trainer.workflow import load_manifest
+
+    return load_manifest(project)
