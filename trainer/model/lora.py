@@ -14,6 +14,8 @@ from trainer.training.sharding import full_tensor
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 COMFYUI_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"
+USE_IN_KEY = "qwen_edit.use_in"  # safetensors metadata: which program each file is for
+NOTE_KEY = "qwen_edit.note"
 
 
 def add_lora(transformer, rank: int, alpha: float, seed: int) -> list[torch.nn.Parameter]:
@@ -58,9 +60,37 @@ def save_lora(pipeline_cls, layers: dict[str, torch.Tensor], metadata: dict, out
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saving-") as tmp:  # rename = atomic
         pipeline_cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
+        _add_metadata(Path(tmp) / LORA_WEIGHTS_NAME, diffusers_file_notes(metadata["r"], metadata["lora_alpha"]))
         os.replace(Path(tmp) / LORA_WEIGHTS_NAME, out_dir / LORA_WEIGHTS_NAME)
     export_comfyui(out_dir / LORA_WEIGHTS_NAME, out_dir / COMFYUI_WEIGHTS_NAME, metadata["lora_alpha"])
     return out_dir / LORA_WEIGHTS_NAME
+
+
+def diffusers_file_notes(rank: int, alpha: float) -> dict[str, str]:
+    """This file has no `.alpha` keys: ComfyUI would apply it at scale 1.0 instead of alpha / rank."""
+    return {
+        USE_IN_KEY: "diffusers (pipeline.load_lora_weights)",
+        NOTE_KEY: f"for ComfyUI use {COMFYUI_WEIGHTS_NAME} (has .alpha): ComfyUI reads no alpha from this file "
+        f"and would apply it at scale 1.0 instead of lora_alpha / rank = {alpha:g} / {rank} = {alpha / rank:g}",
+    }
+
+
+def comfyui_file_notes(alpha: float) -> dict[str, str]:
+    return {
+        USE_IN_KEY: "ComfyUI (LoraLoaderModelOnly)",
+        NOTE_KEY: f"ComfyUI keys (diffusion_model.*) with .alpha = {alpha:g} per layer; diffusers loads it too "
+        f"(load_lora_weights(folder, weight_name='{COMFYUI_WEIGHTS_NAME}'))",
+    }
+
+
+def _add_metadata(path: Path, notes: dict[str, str]) -> None:
+    """Rewrite a safetensors file in place with `notes` added to its metadata (used on a temp file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    save_file(load_file(str(path)), str(path), metadata={**metadata, **notes})
 
 
 def export_comfyui(diffusers_file: Path, out_file: Path, alpha: float) -> Path:
@@ -78,5 +108,6 @@ def export_comfyui(diffusers_file: Path, out_file: Path, alpha: float) -> Path:
         tensors[module_key] = value
         if key.endswith(".lora_A.weight"):
             tensors[module_key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(alpha))
-    atomic_write_with(out_file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    metadata = {"format": "pt", **comfyui_file_notes(alpha)}
+    atomic_write_with(out_file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return out_file

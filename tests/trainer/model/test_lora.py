@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import prepare_small_project
 from trainer.data.images import load_rgb
-from trainer.model.lora import COMFYUI_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from trainer.model.lora import COMFYUI_WEIGHTS_NAME, LORA_WEIGHTS_NAME, NOTE_KEY, USE_IN_KEY
 from trainer.training.recipe import run_training
 
 pytestmark = pytest.mark.slow
@@ -29,6 +29,22 @@ def test_diffusers_file_carries_rank_and_alpha(trained):
         metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
     assert metadata["transformer.r"] == 4
     assert metadata["transformer.lora_alpha"] == 8
+
+
+def test_each_file_says_in_its_metadata_where_to_use_it(trained):
+    """ComfyUI reads no alpha from the diffusers file (scale 1.0, not 8/4 = 2): the file says to use the other one."""
+
+    def metadata(name):
+        with safe_open(str(trained.lora_dir / name), framework="pt") as handle:
+            return handle.metadata()
+
+    diffusers_file, comfyui_file = metadata(LORA_WEIGHTS_NAME), metadata(COMFYUI_WEIGHTS_NAME)
+    assert diffusers_file[USE_IN_KEY].startswith("diffusers")
+    assert f"for ComfyUI use {COMFYUI_WEIGHTS_NAME} (has .alpha)" in diffusers_file[NOTE_KEY]
+    assert "8 / 4 = 2" in diffusers_file[NOTE_KEY]
+    assert "lora_adapter_metadata" in diffusers_file  # diffusers' own metadata kept beside the note
+    assert comfyui_file[USE_IN_KEY].startswith("ComfyUI")
+    assert "alpha = 8" in comfyui_file[NOTE_KEY]
 
 
 def test_comfyui_file_uses_diffusion_model_keys_with_alphas(trained):
