@@ -57,12 +57,10 @@ def real_model_overrides(config) -> dict:
 
     if not torch.cuda.is_available():
         return {}
-    from huggingface_hub import snapshot_download
+    from trainer.model.loading import cached_snapshot
 
     model = config.flavour.default_model
-    try:
-        snapshot_download(model, local_files_only=True)
-    except Exception:
+    if cached_snapshot(model) is None:
         print(f"note: {model} is not in the local Hugging Face cache; training the tiny demo model")
         return {}
     memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trainer.config.parsing import parse_override
 from trainer.errors import QwenEditError
+from trainer.tracking.store import parse_tag
 from trainer.training.recipe import run_training
 
 
@@ -44,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = dict(parse_override(o) for o in args.overrides)
     project = load_project(args.config, args.data, args.project_root, overrides)
-    tags = dict(t.split("=", 1) for t in args.tags)
+    tags = dict(parse_tag(t) for t in args.tags)
     run_training(project.config, project.dataset_config, args.manifest, project.root, tags, cache_command(project, args.overrides))
     return 0
 

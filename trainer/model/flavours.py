@@ -41,8 +41,9 @@ def get_flavour(name: str) -> Flavour:
     try:
         return FLAVOURS[name]
     except KeyError:
-        from trainer.errors import suggest
+        from trainer.errors import ConfigError, suggest
 
-        raise ValueError(
-            f"unknown model_flavour {name!r}; {suggest(name, FLAVOURS)}"
+        raise ConfigError(
+            f"unknown model_flavour {name!r}; {suggest(name, FLAVOURS)}. Set model_flavour to one of these "
+            "(edit-v1: Qwen-Image-Edit, edit-v2: Qwen-Image-Edit-2509, edit-v3: Qwen-Image-Edit-2511)"
         ) from None

@@ -4,6 +4,8 @@ The same calls load `Qwen/Qwen-Image-Edit` from the Hub, a local diffusers folde
 tiny random-weight test model: nothing here knows which one it is given.
 """
 
+from pathlib import Path
+
 import torch
 
 from trainer.config.schema import TrainConfig
@@ -18,6 +20,21 @@ def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     if device.type == "cpu" or config.mixed_precision == "no":
         return torch.float32
     return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+
+
+def cached_snapshot(model: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The folder of `model` in the local Hugging Face cache, or None when it is not there.
+
+    Only "not in the cache" means None (huggingface_hub's LocalEntryNotFoundError, which includes
+    an incomplete snapshot); anything else, such as an invalid repo id, is an error to see.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True, cache_dir=cache_dir))
+    except LocalEntryNotFoundError:
+        return None
 
 
 def load_pipeline(

@@ -38,11 +38,31 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
     return {k: full_tensor(v).detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
 
 
-def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor]) -> None:
-    result = set_peft_model_state_dict(transformer, state_dict)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"LoRA state has keys the model does not: {unexpected[:5]}")
+def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor], source: str = "the LoRA state") -> None:
+    """Load a saved LoRA (e.g. a checkpoint's) into the model's adapter, refusing one that does not fit.
+
+    Checked before loading, so a changed lora_rank or model gives one error naming `source` and the
+    fix instead of torch's size-mismatch traceback (or a partly loaded adapter).
+    """
+    from trainer.errors import ConfigError
+
+    wanted = {key: tuple(value.shape) for key, value in get_peft_model_state_dict(transformer).items()}
+    unexpected = sorted(set(state_dict) - set(wanted))
+    missing = sorted(set(wanted) - set(state_dict))
+    resized = sorted(k for k in set(state_dict) & set(wanted) if tuple(state_dict[k].shape) != wanted[k])
+    problems = [f"{len(unexpected)} layer(s) the model has no LoRA for, e.g. {unexpected[0]}"] if unexpected else []
+    problems += [f"{len(missing)} of the model's LoRA layer(s) missing, e.g. {missing[0]}"] if missing else []
+    if resized:
+        key = resized[0]
+        problems.append(f"{len(resized)} layer(s) of another shape, e.g. {key}: {tuple(state_dict[key].shape)} "
+                        f"saved, {wanted[key]} in this model (another lora_rank?)")
+    if problems:
+        raise ConfigError(
+            f"{source} does not fit this model's LoRA: {'; '.join(problems)}. It was saved with another lora_rank, "
+            "model or flavour: resume with the settings it was trained with, or train from scratch "
+            "(a new output_dir, or without resume_from_checkpoint)"
+        )
+    set_peft_model_state_dict(transformer, state_dict)
 
 
 def adapter_metadata(transformer) -> dict:

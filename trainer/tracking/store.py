@@ -72,6 +72,16 @@ def git_revision(*folders: Path) -> str:
     return "unknown"
 
 
+def parse_tag(text: str) -> tuple[str, str]:
+    """`KEY=VALUE` from `--tag` on the command line: an MLflow run tag."""
+    from trainer.errors import ConfigError
+
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise ConfigError(f"--tag {text!r}: expected KEY=VALUE with a non-empty key, e.g. --tag team=vision")
+    return key.strip(), value
+
+
 def run_tags(flavour: str, project_root: Path, manifest_path: Path | None) -> dict[str, str]:
     """The tags every training run carries: flavour, manifest version, git revision (project, else this package)."""
     return {

@@ -145,7 +145,7 @@ class LoraTrainingRecipe:
         """The checkpoint's LoRA is loaded as full tensors, before `prepare` shards them (FSDP)."""
         self.resumed_from, state = self._checkpoint_to_resume()
         if state is not None:
-            load_lora_state_dict(transformer, state.lora)
+            load_lora_state_dict(transformer, state.lora, source=f"checkpoint {self.resumed_from}")
         return state
 
     def _setup_prepare(self, transformer: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

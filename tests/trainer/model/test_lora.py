@@ -7,7 +7,16 @@ from safetensors.torch import load_file
 
 from tests.conftest import prepare_small_project
 from trainer.data.images import load_rgb
-from trainer.model.lora import COMFYUI_WEIGHTS_NAME, LORA_WEIGHTS_NAME, NOTE_KEY, USE_IN_KEY
+from trainer.errors import ConfigError
+from trainer.model.lora import (
+    COMFYUI_WEIGHTS_NAME,
+    LORA_WEIGHTS_NAME,
+    NOTE_KEY,
+    USE_IN_KEY,
+    add_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+)
 from trainer.training.recipe import run_training
 
 pytestmark = pytest.mark.slow
@@ -20,6 +29,42 @@ def trained(demo_root, tmp_path_factory):
     project = prepare_small_project(root, demo_root, lora_rank=4, lora_alpha=8, max_train_steps=3)
     run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
     return project
+
+
+def _tiny_transformer_with_lora(rank: int, seed: int = 0):
+    from trainer.demo.tiny_model import _transformer
+
+    transformer = _transformer(zero_cond_t=False)
+    add_lora(transformer, rank, float(rank), seed)
+    return transformer
+
+
+def test_a_fitting_lora_state_loads():
+    source, target = _tiny_transformer_with_lora(4, seed=1), _tiny_transformer_with_lora(4, seed=2)
+    load_lora_state_dict(target, lora_state_dict(source))
+    for key, value in lora_state_dict(source).items():
+        torch.testing.assert_close(lora_state_dict(target)[key], value)
+
+
+def test_a_lora_of_another_rank_is_refused_naming_the_checkpoint_and_the_fix():
+    target = _tiny_transformer_with_lora(4)
+    with pytest.raises(ConfigError) as refused:
+        load_lora_state_dict(target, lora_state_dict(_tiny_transformer_with_lora(2)), source="checkpoint out/checkpoint-5")
+    message = str(refused.value)
+    assert message.startswith("checkpoint out/checkpoint-5 does not fit")
+    assert "(2, " in message and "(4, " in message and "another lora_rank" in message
+    assert "resume_from_checkpoint" in message
+
+
+def test_a_lora_with_foreign_or_missing_layers_is_refused():
+    state = lora_state_dict(_tiny_transformer_with_lora(4))
+    first = sorted(state)[0]
+    foreign = {**state, "transformer_blocks.9.attn.to_q.lora_A.weight": state[first]}
+    with pytest.raises(ConfigError, match="1 layer\\(s\\) the model has no LoRA for, e.g. transformer_blocks.9"):
+        load_lora_state_dict(_tiny_transformer_with_lora(4), foreign)
+    partial = {k: v for k, v in state.items() if k != first}
+    with pytest.raises(ConfigError, match=f"1 of the model's LoRA layer\\(s\\) missing, e.g. {first}"):
+        load_lora_state_dict(_tiny_transformer_with_lora(4), partial)
 
 
 def test_diffusers_file_carries_rank_and_alpha(trained):
