@@ -16,6 +16,11 @@ class DataError(QwenEditError):
     pass
 
 
+class OutputError(QwenEditError, OSError):
+    """A file could not be written (name too long, no permission, disk full, a file where a folder
+    should be). Also an OSError, so code that handles failed writes keeps working."""
+
+
 def suggest(value: str, options: Iterable[str], list_all: bool = True) -> str:
     """'did you mean X?' for the closest option, plus the valid options when they are few."""
     options = sorted(options)

@@ -8,20 +8,38 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from trainer.errors import OutputError
+from trainer.faults import kill_point
+
 
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temp path beside `path`; on success it replaces `path` in one rename.
+
+    A write the file system refuses is an OutputError naming the path, not a traceback.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
     try:
         yield Path(tmp)
+        kill_point("io.before_rename", path.name)  # tests: kill -9 with the temp file complete, not yet renamed
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise _output_error(path, exc) from exc
         raise
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    return OutputError(f"cannot write {path}: {reason}{where}; check the folder's permissions, free space and name length")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

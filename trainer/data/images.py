@@ -43,7 +43,8 @@ _ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and he
 
 @dataclass(frozen=True)
 class ImageProbe:
-    """What the pairing checks need to know of a file, from its header and a structural verify."""
+    """What the pairing checks need to know of a file: its header, a structural verify, and a decode of
+    the pixel data where verify reads none (JPEG, BMP)."""
 
     error: str | None = None
     width: int = 0  # after EXIF orientation
@@ -57,6 +58,8 @@ def probe_image(path: str | Path) -> ImageProbe:
         stat = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return ImageProbe("missing file")
+    except (OSError, ValueError) as exc:  # a symlink loop, no permission, a NUL byte
+        return ImageProbe(f"cannot be read ({getattr(exc, 'strerror', None) or exc})")
     if not S_ISREG(stat.st_mode):
         return ImageProbe("not a file")
     key = (str(path), stat.st_size, stat.st_mtime_ns)
@@ -103,10 +106,12 @@ def _probe(path: str, size: int, mtime_ns: int) -> ImageProbe:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                width, height, mode = image.width, image.height, image.mode
+                width, height, mode, image_format = image.width, image.height, image.mode, image.format
                 has_alpha = mode in ("RGBA", "LA", "PA") or "transparency" in image.info
                 orientation = _orientation(image.info.get("exif"))  # header bytes only: no pixel decoding
-                image.verify()  # structure and checksums: catches truncated files
+                image.verify()  # structure and checksums: catches truncated PNG and WebP files
+            if image_format in _PIXELS_NOT_VERIFIED:
+                _decode(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return ImageProbe(f"decompression bomb refused ({exc}); downscale it below {Image.MAX_IMAGE_PIXELS} pixels")
     except Exception as exc:  # PIL raises many types for bad files
@@ -125,6 +130,18 @@ def _probe(path: str, size: int, mtime_ns: int) -> ImageProbe:
     if orientation != 1:
         notes.append(f"EXIF orientation {orientation} applied")
     return ImageProbe(None, width, height, tuple(notes))
+
+
+# PIL's verify() reads no pixel data of these: a truncated file passes it (and then fails mid-cache)
+_PIXELS_NOT_VERIFIED = ("JPEG", "MPO", "BMP", "DIB")
+
+
+def _decode(path: str) -> None:
+    """Decode every byte of pixel data; a JPEG at 1/8 scale (libjpeg skips the inverse DCT, still reads it all)."""
+    with Image.open(path) as image:
+        if image.format in ("JPEG", "MPO"):
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
 
 
 def _orientation(raw_exif: bytes | None) -> int:

@@ -95,7 +95,7 @@ def scan_folder(folder: Path) -> FolderScan:
     by_lower: dict[str, str] = {}
     base = str(folder)
     with os.scandir(folder) as entries:
-        files = sorted(e.name for e in entries if e.is_file())
+        files = sorted(e.name for e in entries if _is_file(e))
     for name in files:
         stem, suffix = os.path.splitext(name)
         path = os.path.join(base, name)
@@ -113,6 +113,14 @@ def scan_folder(folder: Path) -> FolderScan:
             by_lower[lower] = path
         scan.images[stem] = path
     return scan
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """A symlink loop or an entry that cannot be stat'ed is listed: its probe then says why it is unusable."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return True
 
 
 def build_manifest(
@@ -145,7 +153,14 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
     if not tset.target_dir.is_dir():
         report.errors.append(f"dataset {entry.id!r}: instance_data_dir {tset.target_dir} does not exist")
         return []
-    scans = {folder: scan_folder(folder) for folder in (tset.target_dir, *tset.reference_dirs) if folder.is_dir()}
+    scans = {}
+    for folder in (tset.target_dir, *tset.reference_dirs):
+        if folder.is_dir():
+            try:
+                scans[folder] = scan_folder(folder)
+            except OSError as exc:
+                report.errors.append(f"{folder}: cannot be listed ({exc.strerror or exc})")
+                return []
     for scan in scans.values():
         for first, second in scan.same_name:
             report.errors.append(f"{first} and {second}: two images named {first.stem!r}; keep one (pairs are matched by name)")
@@ -262,7 +277,7 @@ def read_caption(entry: DatasetEntry, target_path: str | Path) -> str | None:
     try:
         with open(stem + ".txt", encoding="utf-8") as handle:
             return handle.read().strip()
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError):  # missing, a folder, unreadable, a symlink loop, not UTF-8
         return None
 
 
