@@ -94,7 +94,22 @@ def cmd_check(args) -> int:
     for warning in report.warnings:
         print(f"warning: {warning}")
     print(f"manifest: {project.manifest_path}")
+    for line in memory_report(project, manifest, args.gpu_memory):
+        print(line)
     return 0
+
+
+def memory_report(project, manifest, card_gb: float | None) -> list[str]:
+    """The predicted GPU memory of a training step of the largest sample, against the card (--gpu-memory,
+    else the GPU of this machine)."""
+    import torch
+
+    from trainer.model.memory_estimate import CARD_VISIBLE, check_report, largest_training_shape
+
+    if card_gb is None and torch.cuda.is_available():
+        card_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 / CARD_VISIBLE
+    shape = largest_training_shape(manifest, project.dataset_config, project.config)
+    return check_report(project.config, shape, card_gb)
 
 
 def cmd_cache(args) -> int:
@@ -191,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         _project_args(sub)
         sub.set_defaults(func=func)
+        if name == "check":
+            sub.add_argument("--gpu-memory", type=float, metavar="GB",
+                             help="the card to train on, as sold (24, 16, 12, ...): is the predicted peak within it?")
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight pipeline folder")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--flavour", default="edit-v1", choices=["edit-v1", "edit-v2", "edit-v3"])

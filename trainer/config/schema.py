@@ -98,6 +98,16 @@ class TrainConfig(BaseModel):
     # GPU-memory savers (trainer/memory.py): the same arithmetic, a few % slower; with int8 they fit 24 GB
     offload_activations: bool = False
     offload_optimizer_state: bool = False
+    blocks_to_swap: int = Field(
+        0,
+        ge=0,
+        description=(
+            "block swap (trainer/model/block_swap.py): this many transformer blocks keep their frozen weights in "
+            "pinned CPU memory and are copied to the GPU just before they run, overlapped with the compute "
+            "(0.32 GiB each with int8-quanto, 0.64 with bf16); the same results, for cards that cannot hold "
+            "the base. Needs gradient_checkpointing. `qwen-edit check --gpu-memory GB` predicts the peak"
+        ),
+    )
 
     # outputs, checkpoints
     output_dir: str = "output/models"
@@ -151,6 +161,12 @@ class TrainConfig(BaseModel):
                 "offload_optimizer_state moves torch AdamW's state; adamw8bit keeps bitsandbytes' own (already 4x "
                 "smaller) state on the GPU. Use one of the two: optimizer 'adamw' with offload_optimizer_state, or "
                 "adamw8bit without it."
+            )
+        if self.blocks_to_swap and not self.gradient_checkpointing:
+            raise ValueError(
+                f"blocks_to_swap={self.blocks_to_swap} needs gradient_checkpointing: true (block swap copies each "
+                "block's weights to the GPU for its forward and again for its recomputation in the backward; without "
+                "checkpointing the activations of the 20B model far outweigh the weights it saves)"
             )
         if self.model_kwargs.match_target_res and not get_flavour(self.model_flavour).is_plus:
             raise ValueError(

@@ -5,6 +5,8 @@ quantise and freeze first, then add the LoRA. The exported LoRA loads into an un
 pipeline; it is never fused into quantised weights (a silent no-op there).
 """
 
+from collections.abc import Collection
+
 import torch
 
 from trainer.config.schema import TrainConfig
@@ -15,7 +17,11 @@ QUANTO_WEIGHTS = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto":
 KEEP_FULL_PRECISION = ["img_in", "txt_in", "proj_out", "norm_out.*", "time_text_embed.*"]
 
 
-def quantize_transformer(transformer: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
+def quantize_transformer(
+    transformer: torch.nn.Module, config: TrainConfig, device: torch.device, stay_on_cpu: Collection[int] = ()
+) -> None:
+    """`stay_on_cpu`: numbers of the blocks that block swap keeps in CPU memory; on the accelerator path
+    each goes back to the CPU once quantised, so the card never holds more than it will during training."""
     precision = config.base_model_precision
     if precision == "nf4-bnb":
         raise ConfigError(
@@ -31,14 +37,18 @@ def quantize_transformer(transformer: torch.nn.Module, config: TrainConfig, devi
         # Quantise on the accelerator (fast), one block at a time: its peak memory is the quantised
         # model plus one block in full precision (0.7 GB for the 20B model), not the whole bf16 model
         # (38 GiB). Each layer is quantised exactly as a whole-model pass would.
-        for prefix, block in repeated_blocks(transformer):
+        from trainer.model.block_swap import move_to_device_except
+
+        for index, (prefix, block) in enumerate(repeated_blocks(transformer)):
             block.to(device)
             quanto.quantize(
                 transformer, weights=weights, activations=activations, include=[f"{prefix}.*"], exclude=KEEP_FULL_PRECISION
             )
             quanto.freeze(block)
+            if index in stay_on_cpu:
+                block.to("cpu")
             done.append(f"{prefix}.*")
-        transformer.to(device)
+        move_to_device_except(transformer, device, set(stay_on_cpu))
     quanto.quantize(transformer, weights=weights, activations=activations, exclude=KEEP_FULL_PRECISION + done)
     quanto.freeze(transformer)
 

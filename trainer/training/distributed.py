@@ -44,6 +44,11 @@ def check_fsdp_config(config: TrainConfig) -> None:
             "offload_optimizer_state is not supported with FSDP (it shards the optimizer state across the cards "
             "already); set offload_optimizer_state false, or keep it with config/accelerate/ddp.yaml"
         )
+    if config.blocks_to_swap:
+        raise ConfigError(
+            "blocks_to_swap is not supported with FSDP (each card holds only its shard of every block already); "
+            "set blocks_to_swap 0, or keep block swap with config/accelerate/ddp.yaml or on one GPU"
+        )
     if config.validation_step_interval:
         raise ConfigError(
             "validation_step_interval is not supported with FSDP: live validation runs on rank 0 alone, and the sharded "

@@ -22,10 +22,11 @@ from trainer.data.dataset_config import DatasetConfig
 from trainer.data.pairing import read_manifest
 from trainer.data.versions import manifest_version
 from trainer.errors import DataError
+from trainer.model.block_swap import BlockSwap, move_to_device_except, swapped_block_indices
 from trainer.model.loading import load_transformer
 from trainer.model.lora import LORA_WEIGHTS_NAME, adapter_metadata, add_lora, load_lora_state_dict, lora_state_dict, save_lora
 from trainer.model.memory import OffloadActivations, offload_optimizer_state, use_expandable_segments
-from trainer.model.quantization import quantize_transformer
+from trainer.model.quantization import quantize_transformer, repeated_blocks
 from trainer.tracking.mlflow_run import MlflowRun
 from trainer.tracking.plots import plot_loss
 from trainer.tracking.reporting import Reporter, open_reporter
@@ -118,15 +119,18 @@ class LoraTrainingRecipe:
 
     def _setup_transformer_with_lora(self) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
         """Load, quantise and freeze the base, then add the LoRA (peft wraps quanto's layers directly)."""
-        config = self.config
+        config, device = self.config, self.accelerator.device
         transformer = load_transformer(config, self.weight_dtype)
+        # block swap: these blocks' frozen weights never land on the card together (loading included)
+        swapped = swapped_block_indices(len(repeated_blocks(transformer)), config.blocks_to_swap)
         if config.base_model_precision not in ("no_change", "nf4-bnb"):
-            quantize_transformer(transformer, config, self.accelerator.device)
+            quantize_transformer(transformer, config, device, stay_on_cpu=swapped)
         if not self.sharded:  # FSDP moves each shard to its card as it shards: the whole model never lands on one
-            transformer.to(self.accelerator.device)
+            move_to_device_except(transformer, device, set(swapped))
         params = add_lora(transformer, config.lora_rank, config.lora_scale_alpha, config.seed)
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        self.block_swap = BlockSwap(transformer, swapped, device) if swapped else None
         self.offload = OffloadActivations() if config.offload_activations and self._on_gpu else nullcontext()
         return transformer, params
 
@@ -149,7 +153,13 @@ class LoraTrainingRecipe:
         return state
 
     def _setup_prepare(self, transformer: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.transformer, self.optimizer = self.accelerator.prepare(transformer, optimizer)
+        placement = None
+        if self.block_swap is not None:
+            # the model is placed already; `.to(device)` would pull the swapped weights onto the card, and DDP
+            # must not broadcast them (frozen, the same on every rank, and in CPU memory)
+            placement = [False, True]
+            transformer._ddp_params_and_buffers_to_ignore = [n for n, p in transformer.named_parameters() if not p.requires_grad]
+        self.transformer, self.optimizer = self.accelerator.prepare(transformer, optimizer, device_placement=placement)
         # FSDP2 replaces the parameters by sharded DTensors: clip, average and save those
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
 
