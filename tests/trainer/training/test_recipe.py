@@ -161,17 +161,6 @@ def test_training_with_scheduled_sampling_runs(demo_root, tmp_path):
     assert result.steps == 3
 
 
-def test_latest_resumes_an_interrupted_run_but_not_a_finished_one(demo_root, tmp_path):
-    """Re-materialising after a finished run (say, new pairs arrived) trains again from scratch."""
-    from trainer.training.recipe import run_training
-
-    project = prepare_small_project(tmp_path, demo_root, max_train_steps=3, resume_from_checkpoint="latest")
-    first = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
-    again = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
-    assert first.steps == again.steps == 3
-    assert again.loss_history == first.loss_history  # same seed, same data: the same run again, not a no-op
-
-
 def test_a_launch_on_caches_built_before_caption_dropout_was_switched_on_is_refused(demo_root, tmp_path):
     """`accelerate launch -m trainer.train` started directly (no cache stage before it): caches built
     without caption dropout hold no dropout embeddings, so training would silently skip the dropout.
@@ -212,3 +201,118 @@ def load_manifest_of(project):
     from trainer.workflow import load_manifest
 
     return load_manifest(project)
+
+
+# --- what the transformer receives, and where a run starts ---------------------------------
+
+
+def _train_in_process(project, on_step=None):
+    """The recipe's setup and training loop, in this process, recording every transformer call's inputs
+    (a forward pre-hook on the real diffusers transformer)."""
+    from trainer.tracking.reporting import SilentReporter
+    from trainer.training.recipe import LoraTrainingRecipe
+
+    recipe = LoraTrainingRecipe(project.config, project.dataset_config, project.manifest_path, project.root, {})
+    recipe.setup()
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append({k: v.detach().clone() if hasattr(v, "detach") else v for k, v in kwargs.items()})
+
+    hook = recipe.accelerator.unwrap_model(recipe.transformer).register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        recipe.train(SilentReporter(), on_step)
+    finally:
+        hook.remove()
+        recipe.cleanup()
+    return recipe, calls
+
+
+def _drawn_samples(recipe):
+    """The cached sample each micro-step draws (one process, rank 0)."""
+    from trainer.data.caches import load_sample
+    from trainer.training.data_order import micro_step_sample
+
+    micro_steps = recipe.max_steps * recipe.config.gradient_accumulation_steps
+    indices = [micro_step_sample(m, len(recipe.samples), recipe.config.seed, 1, 0) for m in range(micro_steps)]
+    return [load_sample(recipe.samples[i][1], recipe.samples[i][0]) for i in indices]
+
+
+def test_training_feeds_the_transformer_the_caption_dropout_embeddings(demo_root, tmp_path):
+    """caption_dropout_probability 1.0: every step's text stream is the empty instruction's embeddings
+    (encoded with all references), and all references still go in."""
+    import torch
+
+    from trainer.model.conditioning import pack
+
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=3, gradient_accumulation_steps=2,
+                                    caption_dropout_probability=1.0)
+    recipe, calls = _train_in_process(project)
+    samples = _drawn_samples(recipe)
+    assert len(calls) == len(samples) == 6
+    for call, sample in zip(calls, samples):
+        dropout_embeds, _ = sample.dropout_embeds
+        assert torch.equal(call["encoder_hidden_states"], dropout_embeds[None])
+        assert not torch.equal(call["encoder_hidden_states"], sample.prompt_embeds[None])  # not the instruction's
+        assert torch.equal(call["hidden_states"][:, -sum(pack(r[None]).shape[1] for r in sample.references):],
+                           torch.cat([pack(r[None]) for r in sample.references], dim=1))
+        assert len(call["img_shapes"][0]) == 1 + len(sample.references)
+
+
+def test_random_reference_sampling_feeds_one_reference_with_its_own_embeddings(demo_root, tmp_path):
+    """`random` sampling: each step one of the three references goes in, with the prompt embeddings
+    encoded with that reference alone."""
+    import torch
+
+    from trainer.model.conditioning import pack
+
+    config_path, data_path = write_small_project(tmp_path, demo_root / "demo" / "models", max_train_steps=8)
+    entries = json.loads(data_path.read_text())
+    entries[0]["conditioning_multidataset_sampling"] = "random"
+    data_path.write_text(json.dumps(entries))
+    project = load_project(config_path, data_path, tmp_path)
+    manifest, _ = check_data(project)
+    build_text_cache(manifest, project.dataset_config, project.config)
+    build_vae_cache(manifest, project.dataset_config, project.config)
+
+    recipe, calls = _train_in_process(project)
+    samples = _drawn_samples(recipe)
+    assert len(calls) == len(samples) == 8
+    chosen = []
+    for call, sample in zip(calls, samples):
+        assert len(sample.references) == 3 and len(call["img_shapes"][0]) == 2  # the target and one reference
+        matches = [i for i, (embeds, _) in enumerate(sample.per_reference_embeds)
+                   if torch.equal(call["encoder_hidden_states"], embeds[None])]
+        assert len(matches) == 1, "the text stream is not one reference's embeddings"
+        (index,) = matches
+        reference = pack(sample.references[index][None])
+        assert call["hidden_states"].shape[1] == pack(sample.target[None]).shape[1] + reference.shape[1]
+        assert torch.equal(call["hidden_states"][:, -reference.shape[1]:], reference)  # the same reference's latents
+        chosen.append(index)
+    assert len(set(chosen)) > 1  # drawn, not always the first
+
+
+def test_a_finished_run_started_again_with_latest_trains_from_step_0(demo_root, tmp_path):
+    """Re-materialising after a finished run (say, new pairs arrived) trains every step again;
+    an interrupted run's checkpoint is still resumed."""
+    import shutil
+
+    from trainer.training.recipe import run_training
+
+    project = prepare_small_project(tmp_path, demo_root, max_train_steps=3, checkpointing_steps=2,
+                                    resume_from_checkpoint="latest")
+    first = run_training(project.config, project.dataset_config, project.manifest_path, project.root, tags={})
+    checkpoints = project.output_dir / "checkpoints"
+    assert [p.name for p in checkpoint_dirs(checkpoints)] == ["checkpoint-2", "checkpoint-3"]  # the last is the finished run
+
+    trained = []
+    recipe, _ = _train_in_process(project, on_step=lambda step, loss, lr: trained.append(step))
+    assert (recipe.resumed_from, recipe.start_step) == (None, 0)
+    assert trained == [1, 2, 3]
+    assert recipe.loss_history == first.loss_history  # same seed, same data: the same run again
+
+    shutil.rmtree(checkpoints / "checkpoint-3", ignore_errors=True)  # as if killed after step 2 (a fresh run may have moved it aside)
+    trained.clear()
+    recipe, _ = _train_in_process(project, on_step=lambda step, loss, lr: trained.append(step))
+    assert (recipe.resumed_from.name, recipe.start_step) == ("checkpoint-2", 2)
+    assert trained == [3]
