@@ -83,3 +83,32 @@ def test_the_temp_file_is_hidden_and_beside_the_target_so_the_rename_is_atomic(t
         assert not path.exists()  # nothing at the target until the writer is done
         tmp.write_text("done")
     assert path.read_text() == "done" and not tmp.exists()
+
+
+@pytest.mark.parametrize("target", [
+    lambda tmp: tmp / ("n" * 300) / "summary.json",  # a folder name beyond NAME_MAX
+    lambda tmp: tmp / "a-file" / "summary.json",  # a file where a folder should be
+])
+def test_a_write_the_file_system_refuses_is_an_output_error_naming_the_path(tmp_path, target):
+    """Issue 15: OSError tracebacks from trainer/io.py; now a QwenEditError (the CLI's `error:` line) that is still an OSError."""
+    from trainer.errors import OutputError, QwenEditError
+
+    (tmp_path / "a-file").write_text("")
+    path = target(tmp_path)
+    with pytest.raises(OutputError) as info:
+        atomic_write_json(path, {"a": 1})
+    assert isinstance(info.value, QwenEditError) and isinstance(info.value, OSError)
+    assert str(info.value).startswith(f"cannot write {path}")
+    assert names(tmp_path) == ["a-file"]
+
+
+def test_a_writer_failing_with_an_os_error_leaves_no_temp_file_and_names_the_target(tmp_path):
+    from trainer.errors import OutputError
+
+    def full_disk(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match="cannot write .*out.bin: No space left on device"):
+        atomic_write_with(tmp_path / "out.bin", full_disk)
+    assert names(tmp_path) == []
