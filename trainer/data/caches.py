@@ -173,8 +173,28 @@ def is_current(path: Path, key: CacheKey) -> tuple[bool, str, bool]:
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], key: CacheKey, fingerprint: str) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    metadata = {"fingerprint": fingerprint, "quick": key.quick()}
+    metadata = {"fingerprint": fingerprint, "quick": key.quick(), WRITER_KEY: WRITER}
     atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+WRITER_KEY, WRITER = "written_by", "qwen-edit cache"  # in every cache file's metadata: pruning deletes only these
+
+
+def written_by_this_cache(path: Path) -> bool:
+    """Ours: the marker, or (files written before it) the fingerprint + stat-key pair only this cache writes."""
+    metadata = stored_metadata(path)
+    return metadata.get(WRITER_KEY) == WRITER or {"fingerprint", "quick"} <= metadata.keys()
+
+
+def prune_cache_folders(folders, wanted: set[Path]) -> int:
+    """Delete cache files whose sample left the manifest; any other file (a LoRA, a user's file) is left alone."""
+    pruned = 0
+    for folder in folders:
+        for path in folder.glob("*.safetensors"):
+            if path not in wanted and not path.is_symlink() and written_by_this_cache(path):
+                path.unlink()
+                pruned += 1
+    return pruned
 
 
 def _run_cache_pass(
@@ -197,12 +217,7 @@ def _run_cache_pass(
         _save(path_of(row), encode(row), key, fingerprint)
     wanted = {path_of(row) for row in rows}
     folders = sorted({p.parent for p in wanted})
-    pruned = 0
-    for folder in folders:
-        for path in folder.glob("*.safetensors"):
-            if path not in wanted:
-                path.unlink()
-                pruned += 1
+    pruned = prune_cache_folders(folders, wanted)
     return CacheStats(len(stale), len(rows) - len(stale), pruned, tuple(str(f) for f in folders))
 
 

@@ -9,7 +9,9 @@ shift; meaningful for a model whose VAE reconstructs images, real or the trained
 """
 
 from dataclasses import asdict, dataclass, field
+from html import escape
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -241,7 +243,7 @@ def metrics_table(metrics: dict[str, float]) -> str:
             "<td></td>" if v is None else (f"<td><b>{v:.4f}</b></td>" if s == best else f"<td>{v:.4f}</td>")
             for s, v in values.items()
         )
-        lines.append(f"<tr><td>{name}</td>{cells}</tr>")
+        lines.append(f"<tr><td>{escape(name)}</td>{cells}</tr>")
     return "".join(lines) + "</table>"
 
 
@@ -254,21 +256,24 @@ def _better_stage(name: str, values: dict[str, float | None]) -> str | None:
 
 
 def write_html(rows: list[ValidationRow], path: Path, config: TrainConfig, split: str, summary: dict) -> Path:
-    def img(p: str) -> str:
-        return f'<img src="{Path(p).relative_to(path.parent)}" width="160">' if p else ""
+    """Every caption, name and path is escaped: they come from the dataset, and the report is opened in
+    browsers (MLflow's artifact view, Dagster, disk)."""
+
+    def img(p: str) -> str:  # a URL (percent-encoded) inside an attribute (escaped)
+        return f'<img src="{escape(quote(Path(p).relative_to(path.parent).as_posix()))}" width="160">' if p else ""
 
     head = (
-        f"<h1>qwen-edit validation: {config.model_flavour}</h1>"
-        f"<p>model {config.model_path}; guidance {config.validation_guidance}; "
-        f"{config.validation_num_inference_steps} steps; {config.validation_resolution}; pairs from the {split} split</p>"
-        f"<p>{METRICS_LEGEND}</p>"
+        f"<h1>qwen-edit validation: {escape(config.model_flavour)}</h1>"
+        f"<p>model {escape(config.model_path)}; guidance {config.validation_guidance}; "
+        f"{config.validation_num_inference_steps} steps; {escape(config.validation_resolution)}; pairs from the {escape(split)} split</p>"
+        f"<p>{escape(METRICS_LEGEND)}</p>"
     )
     table = ["<table border=1 cellpadding=4><tr><th>pair</th><th>instruction</th><th>reference(s)</th>"
              "<th>base</th><th>LoRA</th><th>target</th><th>metrics</th></tr>"]
     for r in rows:
         metrics = metrics_table(r.metrics) if r.metrics else ""
         table.append(
-            f"<tr><td>{r.name}</td><td>{r.caption}</td><td>{''.join(img(p) for p in r.references)}</td>"
+            f"<tr><td>{escape(r.name)}</td><td>{escape(r.caption)}</td><td>{''.join(img(p) for p in r.references)}</td>"
             f"<td>{img(r.base_image)}</td><td>{img(r.lora_image)}</td><td>{img(r.target)}</td><td>{metrics}</td></tr>"
         )
     table.append("</table>")
