@@ -2,12 +2,12 @@
 and errors that name the key, the value and the fix."""
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import json5
 from pydantic import BaseModel, ValidationError
 
-from trainer.config.schema import _FIXED_CHOICES, TrainConfig
+from trainer.config.schema import TrainConfig
 from trainer.config.simpletuner_keys import TRAIN_KEYS, translate
 from trainer.errors import ConfigError, suggest
 
@@ -43,13 +43,12 @@ def validate_model(
     raw: dict[str, Any],
     source: str,
     problems: list[str],
-    choices: dict[str, tuple[str, ...]] = _FIXED_CHOICES,
 ) -> BaseModel:
     """`raw` as `model`; one ConfigError lists its validation errors and the `problems` found before."""
     try:
         validated = model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(problems_message(source, validation_problems(exc, raw, model, choices) + problems)) from None
+        raise ConfigError(problems_message(source, validation_problems(exc, raw, model) + problems)) from None
     if problems:
         raise ConfigError(problems_message(source, problems))
     return validated
@@ -80,7 +79,6 @@ def validation_problems(
     exc: ValidationError,
     raw: dict[str, Any],
     model: type[BaseModel],
-    choices: dict[str, tuple[str, ...]] = _FIXED_CHOICES,
 ) -> list[str]:
     """One line per pydantic error, naming the key, the value and the fix."""
     lines = []
@@ -92,13 +90,37 @@ def validation_problems(
             nested = _nested_model(model, error["loc"])
             name = str(error["loc"][-1])
             lines.append(f"unknown key {location!r}: {suggest(name, nested.model_fields, list_all=False)}")
-        elif key in choices and error["type"] in ("literal_error", "enum"):
-            lines.append(f"{location}={value!r} is not valid: {suggest(str(value), choices[key])}")
+        elif error["type"] in ("literal_error", "enum") and (options := _choices_at(model, error["loc"])):
+            lines.append(f"{location}={value!r} is not valid: {suggest(str(value), options)}")
         else:
             message = error["msg"].removeprefix("Value error, ")
             shown = f"={value!r}" if key in raw and not isinstance(value, dict) else ""
             lines.append(f"{location}{shown}: {message}")
     return lines
+
+
+def literal_choices(model: type[BaseModel]) -> dict[str, tuple[Any, ...]]:
+    """The allowed values of each key whose type holds a `Literal` (`Literal | None`, lists of one),
+    read from the type itself: errors suggest from the very list that validation enforces."""
+    return {name: values for name, field in model.model_fields.items() if (values := _literal_values(field.annotation))}
+
+
+def _literal_values(annotation: Any) -> tuple[Any, ...]:
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return tuple(value for arg in get_args(annotation) for value in _literal_values(arg))
+
+
+def _choices_at(model: type[BaseModel], loc: tuple) -> tuple[Any, ...]:
+    """The Literal values of the key an error location points at, nested models included."""
+    choices: tuple[Any, ...] = ()
+    for part in loc:  # e.g. ("model_kwargs", "x") or ("b", "list[literal['p','q']]", 0)
+        if isinstance(part, str) and part in model.model_fields:
+            choices = literal_choices(model).get(part, ())
+            annotation = model.model_fields[part].annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                model = annotation
+    return choices
 
 
 def _nested_model(model: type[BaseModel], loc: tuple) -> type[BaseModel]:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from trainer.config.simpletuner_keys import DATASET_DEFAULT_KEYS
 from trainer.data.images import CropAspect, ResolutionType
-from trainer.model.flavours import FLAVOURS, FlavourName, get_flavour
+from trainer.model.flavours import FlavourName, get_flavour
 
 BaseModelPrecision = Literal[
     "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb"
@@ -24,27 +24,17 @@ LrScheduler = Literal[
 ]
 Optimizer = Literal["adamw", "adamw_bf16", "adamw8bit"]
 
-# Keys whose value must be one of a fixed set; used to suggest the right value in errors.
-_FIXED_CHOICES = {
-    "base_model_precision": BaseModelPrecision.__args__,
-    "lr_scheduler": LrScheduler.__args__,
-    "optimizer": Optimizer.__args__,
-    "model_flavour": tuple(FLAVOURS),
-    "mixed_precision": ("bf16", "fp16", "no"),
-    "quantize_via": ("cpu", "accelerator"),
-    "report_to": ("mlflow", "none"),
-    "model_type": ("lora",),
-    "model_family": ("qwen_image",),
-    "ema_device": ("cpu", "accelerator"),
-    "resolution_type": ResolutionType.__args__,
-    "crop_aspect": CropAspect.__args__,
-}
-
 
 class ModelKwargs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # edit-v2/v3: VAE references take the target's size instead of ~1 megapixel.
-    match_target_res: bool = False
+
+    match_target_res: bool = Field(
+        False,
+        description=(
+            "edit-v2/v3: VAE references take the target's area (each keeping its own aspect ratio) instead of "
+            "~1 megapixel; at inference see [match_target_res at inference](#match_target_res-at-inference)"
+        ),
+    )
 
 
 class TrainConfig(BaseModel):
@@ -53,51 +43,157 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # model
-    model_type: Literal["lora"] = "lora"
-    model_family: Literal["qwen_image"] = "qwen_image"
-    model_flavour: FlavourName = "edit-v1"
-    pretrained_model_name_or_path: str | None = None  # default: the flavour's Hub checkpoint
-    model_kwargs: ModelKwargs = Field(default_factory=ModelKwargs)
+    model_type: Literal["lora"] = Field("lora", description="only LoRA training")
+    model_family: Literal["qwen_image"] = Field(
+        "qwen_image",
+        description="the Qwen-Image family (SimpleTuner's name for it)",
+    )
+    model_flavour: FlavourName = Field(
+        "edit-v1",
+        description=(
+            "`edit-v1` (Qwen-Image-Edit, 1 reference), `edit-v2` (Qwen-Image-Edit-2509, 1-3), `edit-v3` "
+            "(Qwen-Image-Edit-2511, `zero_cond_t`)"
+        ),
+    )
+    pretrained_model_name_or_path: str | None = Field(
+        None,
+        description=(
+            "Hub id or local diffusers folder; defaults `Qwen/Qwen-Image-Edit`, `Qwen/Qwen-Image-Edit-2509`, "
+            "`Qwen/Qwen-Image-Edit-2511`"
+        ),
+        json_schema_extra={"shown_default": "per flavour"},
+    )
+    model_kwargs: ModelKwargs = Field(default_factory=ModelKwargs, description="model options (one row per key below)")
 
     # data
-    data_backend_config: str | None = None
-    eval_dataset_id: str | None = None
-    caption_dropout_probability: float = Field(0.0, ge=0.0, le=1.0)
+    data_backend_config: str | None = Field(None, description="path of the dataset config (or `--data`)")
+    eval_dataset_id: str | None = Field(None, description="image dataset used only for validation")
+    caption_dropout_probability: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description=(
+            "chance per step of training on the empty instruction (references kept); keep 0.0 for edit "
+            "training"
+        ),
+    )
     # SimpleTuner's global defaults for every dataset entry that does not set its own
-    resolution: float | None = Field(None, gt=0)
-    resolution_type: ResolutionType | None = None
-    minimum_image_size: float | None = Field(None, ge=0)
-    crop_aspect: CropAspect | None = None
+    resolution: float | None = Field(
+        None, gt=0,
+        description=(
+            "default `resolution` of every dataset entry that sets none (SimpleTuner's global); entries "
+            "default to 1024"
+        ),
+    )
+    resolution_type: ResolutionType | None = Field(
+        None,
+        description="default `resolution_type` of the dataset entries (`pixel_area` otherwise)",
+    )
+    minimum_image_size: float | None = Field(
+        None, ge=0,
+        description="default `minimum_image_size` of the dataset entries (none: keep every target)",
+    )
+    crop_aspect: CropAspect | None = Field(
+        None,
+        description="default `crop_aspect` of the dataset entries (`preserve` otherwise)",
+    )
 
     # optimisation
-    train_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_train_steps: int | None = Field(None, ge=0)
-    num_train_epochs: int | None = Field(None, ge=0)
-    learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: LrScheduler = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
-    optimizer: Optimizer = "adamw"
-    max_grad_norm: float = Field(1.0, ge=0)
-    lora_rank: int = Field(16, ge=1)
-    lora_alpha: float | None = Field(None, gt=0)  # default: lora_rank (scale 1)
-    seed: int = 42
-    flow_schedule_shift: float = Field(1.73, gt=0)
+    train_batch_size: int = Field(
+        1, ge=1,
+        description="must be 1 for the edit models; use `gradient_accumulation_steps`",
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="samples per optimiser step")
+    max_train_steps: int | None = Field(None, ge=0, description="optimiser steps; wins over epochs when > 0")
+    num_train_epochs: int | None = Field(
+        None, ge=0,
+        description="used when `max_train_steps` is unset (default 1 epoch)",
+    )
+    learning_rate: float = Field(1e-4, gt=0, description="the optimiser's learning rate for the LoRA weights")
+    lr_scheduler: LrScheduler = Field(
+        "constant",
+        description=(
+            "`constant`, `constant_with_warmup`, `linear`, `cosine`, `cosine_with_restarts`, `polynomial` "
+            "(diffusers' schedulers)"
+        ),
+    )
+    lr_warmup_steps: int = Field(
+        0, ge=0,
+        description="optimiser steps of learning-rate warm-up (schedulers with a warm-up)",
+    )
+    optimizer: Optimizer = Field(
+        "adamw",
+        description=(
+            "`adamw`; `adamw_bf16` is accepted and runs torch AdamW on float32 LoRA weights; `adamw8bit` "
+            "(bitsandbytes, CUDA only)"
+        ),
+    )
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
+    lora_rank: int = Field(16, ge=1, description="rank of the LoRA matrices")
+    lora_alpha: float | None = Field(
+        None, gt=0,
+        description="LoRA scale = lora_alpha / lora_rank (default 1); saved in the LoRA's adapter metadata",
+        json_schema_extra={"shown_default": "`lora_rank`"},
+    )
+    seed: int = Field(
+        42,
+        description="seeds the LoRA init, the data order, σ and noise (a resumed run sees the same ones)",
+    )
+    flow_schedule_shift: float = Field(1.73, gt=0, description="σ = s·u / (1 + (s-1)·u) with logit-normal u")
 
     # experimental: scheduled sampling (rollout) against exposure bias; off by default
-    scheduled_sampling_probability: float = Field(0.0, ge=0.0, le=1.0)
-    scheduled_sampling_max_step_offset: int = Field(100, ge=1, le=1000)  # in timesteps of 1000
-    scheduled_sampling_steps: int = Field(2, ge=1)
+    scheduled_sampling_probability: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description=(
+            "experimental rollout: chance per step that the input at σ is reached by the model's own Euler "
+            "steps from a noisier level (costs extra forward passes)"
+        ),
+    )
+    scheduled_sampling_max_step_offset: int = Field(
+        100, ge=1, le=1000,
+        description="how much noisier the rollout starts, at most, in timesteps of 1000",
+    )
+    scheduled_sampling_steps: int = Field(2, ge=1, description="model steps in a rollout")
 
     # precision and memory
-    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
-    gradient_checkpointing: bool = False
-    base_model_precision: BaseModelPrecision = "no_change"
-    quantize_via: Literal["cpu", "accelerator"] = "accelerator"
-    quantize_activations: bool = False
+    mixed_precision: Literal["bf16", "fp16", "no"] = Field(
+        "bf16",
+        description="`bf16`, `fp16`, `no` (forced to `no` on a CPU)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description=(
+            "recompute each transformer block's activations in the backward pass instead of keeping them "
+            "(less memory, slower)"
+        ),
+    )
+    base_model_precision: BaseModelPrecision = Field(
+        "no_change",
+        description=(
+            "`int8-quanto`, `int4-quanto`, `int2-quanto`, `fp8-quanto` (optimum-quanto), `nf4-bnb` "
+            "(bitsandbytes, CUDA only)"
+        ),
+    )
+    quantize_via: Literal["cpu", "accelerator"] = Field(
+        "accelerator",
+        description="`cpu`: quantise before moving to the GPU",
+    )
+    quantize_activations: bool = Field(False, description="quanto int8 activations")
     # GPU-memory savers (trainer/memory.py): the same arithmetic, a few % slower; with int8 they fit 24 GB
-    offload_activations: bool = False
-    offload_optimizer_state: bool = False
+    offload_activations: bool = Field(
+        False,
+        description=(
+            "GPU only: what the forward saves for backward (with gradient checkpointing: each block's input, "
+            "3.3 GiB for the 20B model at 1 reference) waits in pinned CPU memory; same results, about 3% "
+            "slower"
+        ),
+    )
+    offload_optimizer_state: bool = Field(
+        False,
+        description=(
+            "GPU only: the AdamW state waits in pinned CPU memory between steps (0.7 GiB at rank 32); same "
+            "results, a few % slower; not with `adamw8bit` or FSDP. With `int8-quanto`, gradient "
+            "checkpointing and both offloads the 20B model trains in 24 GB (benchmarks/README.md)"
+        ),
+    )
     blocks_to_swap: int = Field(
         0,
         ge=0,
@@ -110,29 +206,53 @@ class TrainConfig(BaseModel):
     )
 
     # outputs, checkpoints
-    output_dir: str = "output/models"
-    checkpointing_steps: int = Field(500, ge=1)
-    checkpoints_total_limit: int | None = Field(None, ge=1)
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    output_dir: str = Field("output/models", description="LoRA, checkpoints, manifest, validation report")
+    checkpointing_steps: int = Field(500, ge=1, description="save a resumable checkpoint every N optimiser steps")
+    checkpoints_total_limit: int | None = Field(None, ge=1, description="keep the newest N checkpoints")
+    resume_from_checkpoint: str | None = Field(
+        None,
+        description="`latest` or a checkpoint folder; resumes LoRA, optimiser, scheduler and step",
+    )
 
     # EMA of the LoRA weights
-    use_ema: bool = False
-    ema_device: Literal["cpu", "accelerator"] = "cpu"
-    ema_decay: float = Field(0.999, gt=0, lt=1)
+    use_ema: bool = Field(
+        False,
+        description="keep an EMA of the LoRA weights; saved beside the LoRA in `lora/ema/` and in checkpoints",
+    )
+    ema_device: Literal["cpu", "accelerator"] = Field(
+        "cpu",
+        description="`cpu` (default: no GPU memory) or `accelerator`",
+    )
+    ema_decay: float = Field(
+        0.999, gt=0, lt=1,
+        description="diffusers' `EMAModel` decay (warms up over the first steps)",
+    )
 
     # validation
-    validation_prompt: str | None = None
-    validation_negative_prompt: str = " "
-    validation_resolution: str = "1024x1024"
-    validation_guidance: float = Field(4.0, ge=0)
-    validation_num_inference_steps: int = Field(30, ge=1)
-    validation_step_interval: int | None = Field(None, ge=1)
-    validation_seed: int = 0
+    validation_prompt: str | None = Field(
+        None,
+        description=(
+            "validation edits every eval pair with its own caption; this instruction is also applied to the "
+            "first pair's references (an extra row, unscored: it has no target)"
+        ),
+    )
+    validation_negative_prompt: str = Field(" ", description="encoded with the same references, as the pipeline does")
+    validation_resolution: str = Field("1024x1024", description="`WIDTHxHEIGHT` or one number; 24 GB cards: `768x768`")
+    validation_guidance: float = Field(4.0, ge=0, description="true classifier-free guidance scale (3.5-4.5 typical)")
+    validation_num_inference_steps: int = Field(30, ge=1, description="denoising steps of each validation edit")
+    validation_step_interval: int | None = Field(
+        None, ge=1,
+        description=(
+            "also validate every N steps during training (rank 0, the live LoRA vs the base); reports in "
+            "`validation/step-N`, metrics and images in MLflow"
+        ),
+    )
+    validation_seed: int = Field(0, description="seed of the validation edits' noise")
 
     # tracking
-    report_to: Literal["mlflow", "none"] = "mlflow"
-    tracker_project_name: str = "qwen-edit"
-    tracker_run_name: str | None = None
+    report_to: Literal["mlflow", "none"] = Field("mlflow", description="`mlflow` or `none`")
+    tracker_project_name: str = Field("qwen-edit", description="MLflow experiment")
+    tracker_run_name: str | None = Field(None, description="MLflow run name")
 
     _notes: tuple[str, ...] = PrivateAttr(default=())  # SimpleTuner keys read without effect
 

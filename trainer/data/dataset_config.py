@@ -23,39 +23,105 @@ from trainer.model.flavours import Flavour
 DatasetType = Literal["image", "conditioning", "conditioning_image_embeds", "text_embeds"]
 CaptionStrategy = Literal["textfile", "filename", "instanceprompt"]
 
-_CHOICES = {
-    "type": ("local",),
-    "dataset_type": DatasetType.__args__,
-    "caption_strategy": CaptionStrategy.__args__,
-    "resolution_type": ResolutionType.__args__,
-    "crop_aspect": CropAspect.__args__,
-    "conditioning_type": ("reference_strict", "reference_loose"),
-    "conditioning_multidataset_sampling": ("combined", "random"),
-}
-
-
 class DatasetEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1)
-    type: Literal["local"] = "local"
-    dataset_type: DatasetType = "image"
-    disabled: bool = False
-    instance_data_dir: str | None = None
-    caption_strategy: CaptionStrategy = "textfile"
-    instance_prompt: str | None = None
-    resolution: float = 1024
-    resolution_type: ResolutionType = "pixel_area"
-    minimum_image_size: float | None = Field(None, ge=0)  # in resolution's unit; smaller targets are left out
-    crop_aspect: CropAspect = "preserve"
-    conditioning_data: list[str] | str | None = None
-    conditioning_image_embeds: str | None = None
-    conditioning_type: Literal["reference_strict", "reference_loose"] = "reference_strict"
-    conditioning_multidataset_sampling: Literal["combined", "random"] | None = None
-    cache_dir_vae: str | None = None
-    cache_dir: str | None = None
-    default: bool = False  # SimpleTuner: the default text-embeds entry
-    repeats: int = Field(0, ge=0)  # each sample is seen 1 + repeats times per epoch
+    id: str = Field(min_length=1, description="unique name of the entry; the default cache folders are named after it")
+    type: Literal["local"] = Field("local", description="`local`: a folder on disk")
+    dataset_type: DatasetType = Field(
+        "image",
+        description=(
+            "`image`: edit targets (+ captions); `conditioning`: reference images named like their targets; "
+            "`conditioning_image_embeds` (edit-v1) / `text_embeds` (edit-v2/v3): where prompt embeddings are "
+            "cached"
+        ),
+    )
+    disabled: bool = Field(False, description="leave the entry out")
+    instance_data_dir: str | None = Field(None, description="folder of the images (image and conditioning datasets)")
+    caption_strategy: CaptionStrategy = Field(
+        "textfile",
+        description=(
+            "`textfile`: the caption in `name.txt` beside `name.png`; `filename`: the stem, `_` -> space; "
+            "`instanceprompt`: `instance_prompt` for every image"
+        ),
+    )
+    instance_prompt: str | None = Field(
+        None,
+        description="the caption of every image with caption_strategy `instanceprompt`",
+    )
+    resolution: float = Field(
+        1024, gt=0,
+        description="target size in `resolution_type`'s unit; sides are rounded to multiples of 32",
+    )
+    resolution_type: ResolutionType = Field(
+        "pixel_area",
+        description=(
+            "`pixel_area`: area = resolution², aspect ratio kept; `area`: megapixels; `pixel`: the shorter "
+            "edge"
+        ),
+    )
+    minimum_image_size: float | None = Field(
+        None, ge=0,
+        description=(
+            "in `resolution`'s unit (the shorter edge for `pixel`, √area for `pixel_area`, megapixels for "
+            "`area`): smaller targets are left out, each named in a warning"
+        ),
+    )
+    crop_aspect: CropAspect = Field(
+        "preserve",
+        description="`square`: every target centre-cropped square; `preserve` and `closest` keep the aspect ratio",
+    )
+    conditioning_data: list[str] | str | None = Field(
+        None,
+        description=(
+            "on an image dataset: the id(s) of its conditioning datasets (edit-v1: one; edit-v2/v3: 1-3, one "
+            "reference each)"
+        ),
+    )
+    conditioning_image_embeds: str | None = Field(
+        None,
+        description=(
+            "on an image dataset (edit-v1): id of the `conditioning_image_embeds` entry whose `cache_dir` "
+            "holds its prompt embeddings (default `cache/conditioning_image_embeds/<id>`)"
+        ),
+    )
+    conditioning_type: Literal["reference_strict", "reference_loose"] = Field(
+        "reference_strict",
+        description=(
+            "on a conditioning dataset: `reference_strict` references are centre-cropped to their target's "
+            "aspect ratio (within 2%) at their own resolution; `reference_loose` ones are used as they are"
+        ),
+    )
+    conditioning_multidataset_sampling: Literal["combined", "random"] | None = Field(
+        None,
+        description=(
+            "with several conditioning datasets: `combined` (all of them every step, as the pipeline "
+            "conditions) or `random` (one per step, each with its own prompt embedding)"
+        ),
+        json_schema_extra={"shown_default": "`\"combined\"`"},
+    )
+    cache_dir_vae: str | None = Field(
+        None,
+        description="folder of the dataset's VAE-latent cache (default `cache/vae/<id>`)",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="on a `conditioning_image_embeds` or `text_embeds` entry: folder of the prompt-embedding cache",
+    )
+    default: bool = Field(
+        False,
+        description=(
+            "SimpleTuner's mark of the default `text_embeds` entry; read without effect (the first enabled "
+            "`text_embeds` entry with a `cache_dir` is used)"
+        ),
+    )
+    repeats: int = Field(
+        0, ge=0,
+        description=(
+            "each sample of the dataset is seen 1 + `repeats` times per epoch (weights one dataset against "
+            "another)"
+        ),
+    )
 
     def bucket(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) a target of this dataset trains at."""
@@ -154,7 +220,7 @@ def parse_dataset_config(
         item = translated.raw
         if item.get("dataset_type", "image") in ("image", "conditioning"):
             item = {**(defaults or {}), **item}
-        entries.append(validate_model(DatasetEntry, item, where, translated.problems, _CHOICES))
+        entries.append(validate_model(DatasetEntry, item, where, translated.problems))
         notes += translated.notes
     config = DatasetConfig(tuple(entries), source, Path(base_dir or Path.cwd()).resolve(), tuple(notes))
     _check_references(config, flavour)
