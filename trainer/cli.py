@@ -186,7 +186,7 @@ def cmd_compare(args) -> int:
     out = args.out if args.out is not None else root / "outputs" / "comparison"
     comparison = compare_runs(uri, experiment, last_n=args.last, out_dir=out)
     report = write_comparison_report(comparison, out)
-    print(f"experiment {experiment!r} at {uri}: the last {len(comparison.runs)} run(s)\n")
+    print(f"experiment {experiment!r} at {comparison.tracking_uri}: the last {len(comparison.runs)} run(s)\n")
     print(comparison.runs_table() + "\n")
     if not comparison.differing_params:
         print("(all params are equal)\n")
@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input of any kind (config, data, paths, unwritable outputs) ends with one `error:` line and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

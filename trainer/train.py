@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Bad input (config, data, stale caches) ends with one `error:` line and exit status 2, no traceback."""
+    from trainer.training.run_lock import exit_with_parent
+
+    exit_with_parent()  # killing `accelerate launch` must not leave this process training on as an orphan
     args = parse_args(argv)
     try:
         return _train(args)

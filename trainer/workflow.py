@@ -167,4 +167,11 @@ def training_env(project: Project) -> dict[str, str]:
 def run_training_subprocess(project: Project, overrides: dict | None = None) -> None:
     command = training_command(project, overrides)
     print("$", shlex.join(command), flush=True)
-    subprocess.run(command, env=training_env(project), cwd=project.root, check=True)
+    done = subprocess.run(command, env=training_env(project), cwd=project.root)
+    if done.returncode != 0:  # the trainer printed its own `error:` line above
+        from trainer.errors import QwenEditError
+
+        raise QwenEditError(
+            f"training stopped (exit status {done.returncode}, its message is above); the checkpoints under "
+            f"{project.output_dir / 'checkpoints'} are kept"
+        )

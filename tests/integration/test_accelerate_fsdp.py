@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tests.conftest import prepare_small_project
 from tests.integration.servers import REPO
 from trainer.model.lora import LORA_WEIGHTS_NAME
+from trainer.training.checkpoints import load_checkpoint
 from trainer.workflow import ACCELERATE_CONFIG_ENV, training_command, training_env
 
 pytestmark = pytest.mark.integration
@@ -89,11 +90,10 @@ def test_fsdp_resumes_a_ddp_checkpoint_and_ends_where_ddp_does(demo_root, tmp_pa
     resumed = load_file(project.output_dir / "checkpoints" / checkpoint / "lora.safetensors")
     assert any(not torch.equal(value, resumed[key.removeprefix("transformer.")]) for key, value in lora.items())  # it trained
     assert_same_tensors(load_file(ddp / "lora" / LORA_WEIGHTS_NAME), lora)
-    fsdp_state, ddp_state = (torch.load(out / "checkpoints" / f"checkpoint-{STEPS}" / "training_state.pt", weights_only=False)
-                             for out in (project.output_dir, ddp))
-    assert fsdp_state["optimizer"]["param_groups"] == ddp_state["optimizer"]["param_groups"]
-    for index, slot in ddp_state["optimizer"]["state"].items():  # gathered to full tensors, in the same layout
-        assert_same_tensors(slot, fsdp_state["optimizer"]["state"][index])
+    fsdp_state, ddp_state = (load_checkpoint(out / "checkpoints" / f"checkpoint-{STEPS}") for out in (project.output_dir, ddp))
+    assert fsdp_state.optimizer["param_groups"] == ddp_state.optimizer["param_groups"]
+    for index, slot in ddp_state.optimizer["state"].items():  # gathered to full tensors, in the same layout
+        assert_same_tensors(slot, fsdp_state.optimizer["state"][index])
     assert_loads_into_the_pipeline(project, lora)
 
 

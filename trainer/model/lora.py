@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from trainer.faults import kill_point
 from trainer.training.sharding import full_tensor
 
 # The MMDiT's attention projections of both streams, as diffusers' Qwen-Image LoRA script targets.
@@ -81,7 +82,9 @@ def save_lora(pipeline_cls, layers: dict[str, torch.Tensor], metadata: dict, out
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saving-") as tmp:  # rename = atomic
         pipeline_cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
         _add_metadata(Path(tmp) / LORA_WEIGHTS_NAME, diffusers_file_notes(metadata["r"], metadata["lora_alpha"]))
+        kill_point("lora.diffusers_written")
         os.replace(Path(tmp) / LORA_WEIGHTS_NAME, out_dir / LORA_WEIGHTS_NAME)
+    kill_point("lora.before_comfyui")
     export_comfyui(out_dir / LORA_WEIGHTS_NAME, out_dir / COMFYUI_WEIGHTS_NAME, metadata["lora_alpha"])
     return out_dir / LORA_WEIGHTS_NAME
 

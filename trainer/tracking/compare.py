@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from trainer.errors import QwenEditError
-from trainer.tracking.store import compare_url
+from trainer.tracking.store import compare_url, redact_url
 
 LOSS = "train_loss"
 VALIDATION_PREFIX = "validation_"
@@ -92,10 +92,10 @@ def compare_runs(tracking_uri: str, experiment_name: str, last_n: int = 5, out_d
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        raise QwenEditError(f"no MLflow experiment {experiment_name!r} at {tracking_uri}")
+        raise QwenEditError(f"no MLflow experiment {experiment_name!r} at {redact_url(tracking_uri)}")
     found = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=last_n)
     if not found:
-        raise QwenEditError(f"the MLflow experiment {experiment_name!r} at {tracking_uri} has no runs")
+        raise QwenEditError(f"the MLflow experiment {experiment_name!r} at {redact_url(tracking_uri)} has no runs")
     found = list(reversed(found))
     runs = [
         RunRow(
@@ -116,7 +116,7 @@ def compare_runs(tracking_uri: str, experiment_name: str, last_n: int = 5, out_d
     metrics = _metrics(client, found)
     images, targets = _download_images(client, runs, image_dir)
     return Comparison(
-        tracking_uri=tracking_uri,
+        tracking_uri=redact_url(tracking_uri),  # shown in reports and logs: no credentials
         experiment_name=experiment_name,
         experiment_id=experiment.experiment_id,
         runs=runs,

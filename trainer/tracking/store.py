@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from trainer.data.versions import manifest_version
 
 ENV_URI = "MLFLOW_TRACKING_URI"
+_SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "token", "secret", "key", "signature", "credential")
 DEFAULT_UI = "http://127.0.0.1:5000"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,9 +40,33 @@ def ensure_experiment(name: str, uri: str, root: Path) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+def redact_url(url: str) -> str:
+    """`url` without credentials, for anything shown or stored: `user:pass@` dropped, secret query values `***`.
+
+    The tracking URI itself (with its credentials) stays in the environment, where MLflow reads it.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if not parts.netloc and not parts.query:
+        return url  # a path, or sqlite:///...
+    netloc = parts.netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_is_secret(k) for k, _ in pairs):
+            query = urlencode([(k, "***" if _is_secret(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _is_secret(key: str) -> bool:
+    return any(word in key.lower() for word in _SECRET_QUERY_KEYS)
+
+
 def ui_base(uri: str, ui: str = DEFAULT_UI) -> str:
-    """The MLflow UI serving `uri`: the tracking server itself, else `make mlflow-ui`'s address."""
-    return (uri if uri.startswith("http") else ui).rstrip("/")
+    """The MLflow UI serving `uri`: the tracking server itself, else `make mlflow-ui`'s address (no credentials)."""
+    return redact_url(uri if uri.startswith("http") else ui).rstrip("/")
 
 
 def run_url(uri: str, experiment_id: str, run_id: str, ui: str = DEFAULT_UI) -> str:

@@ -22,6 +22,7 @@ from trainer.data.dataset_config import DatasetConfig
 from trainer.data.pairing import read_manifest
 from trainer.data.versions import manifest_version
 from trainer.errors import DataError
+from trainer.faults import kill_point
 from trainer.model.block_swap import BlockSwap, move_to_device_except, swapped_block_indices
 from trainer.model.loading import load_transformer
 from trainer.model.lora import LORA_WEIGHTS_NAME, adapter_metadata, add_lora, load_lora_state_dict, lora_state_dict, save_lora
@@ -31,6 +32,7 @@ from trainer.tracking.mlflow_run import MlflowRun
 from trainer.tracking.plots import plot_loss
 from trainer.tracking.reporting import Reporter, open_reporter
 from trainer.training import checkpoints as ckpt
+from trainer.training import run_lock
 from trainer.training.data_order import (
     SHARED_RANK,
     conditioning_for_step,
@@ -40,8 +42,9 @@ from trainer.training.data_order import (
 )
 from trainer.training.distributed import check_fsdp_config, make_accelerator, make_optimizer
 from trainer.training.flow_matching import sample_sigma
+from trainer.training.guards import NonFiniteGuard, assert_finite
 from trainer.training.loss import flow_matching_loss, rollout_input
-from trainer.training.sharding import full_optimizer_state, load_optimizer_state
+from trainer.training.sharding import full_optimizer_state, full_tensor, load_optimizer_state
 
 SUMMARY_NAME = "training_summary.json"
 CACHE_COMMAND = "qwen-edit cache --config CONFIG"  # trainer.train names the exact command
@@ -69,6 +72,7 @@ class TrainResult:
             "mlflow_run_id": self.mlflow_run_id,
             "mlflow_run_url": self.mlflow_run_url,
             "seconds": self.seconds,
+            **self.extra,  # e.g. skipped_steps (max_nonfinite_steps)
         }
 
 
@@ -105,6 +109,12 @@ class LoraTrainingRecipe:
         if state is not None:
             self._restore(state)
         self.validation_reports = []
+        self.nonfinite = NonFiniteGuard(
+            self.config.max_nonfinite_steps, check_gradients=self.accelerator.scaler is None,
+            skipped=list(state.skipped_steps) if state is not None else [],
+        )
+        self.resumed_mlflow_run_id = state.mlflow_run_id if state is not None else None
+        self.tracker = None  # run_training's MlflowRun (rank 0): checkpoints keep its run id
 
     def _setup_accelerator_before_cuda_starts(self) -> None:
         """The allocator setting only applies before CUDA's first use; the accelerator starts it."""
@@ -180,7 +190,14 @@ class LoraTrainingRecipe:
     def _checkpoint_to_resume(self) -> tuple[Path | None, ckpt.TrainingState | None]:
         resume = ckpt.resolve_resume(self.checkpoint_root, self.config.resume_from_checkpoint)
         state = ckpt.load_checkpoint(resume) if resume is not None else None
-        if state is None or not self._resumable(state):
+        if state is None:
+            return None, None
+        if not self._resumable(state):
+            # that run's checkpoints go aside, so a kill of this fresh run resumes this run, not that one
+            self.accelerator.wait_for_everyone()  # every rank has decided from the same files
+            if self.accelerator.is_main_process:
+                moved = ckpt.move_aside(self.checkpoint_root, self.output_dir / "previous_checkpoints")
+                print(f"its checkpoints were moved to {moved}", flush=True)
             return None, None
         return resume, state
 
@@ -197,6 +214,10 @@ class LoraTrainingRecipe:
         """`latest` continues an interrupted run; a finished run or one on other data starts fresh."""
         if self.config.resume_from_checkpoint != "latest":
             return True  # a checkpoint named explicitly is always resumed
+        if state.step == self.max_steps and not (self.output_dir / SUMMARY_NAME).is_file():
+            # killed after its final checkpoint, before the LoRA export or the summary: finish that run
+            print(f"the latest checkpoint (step {state.step}) is the last of a run that did not finish saving: finishing it", flush=True)
+            return True
         if state.step >= self.max_steps:
             print(f"the latest checkpoint (step {state.step}) is of a finished run: training from scratch", flush=True)
             return False
@@ -234,7 +255,7 @@ class LoraTrainingRecipe:
             f"{accelerator.device}, from step {self.start_step})"
         )
         for step in range(self.start_step, self.max_steps):
-            losses = []
+            losses, grad_norm, skip_update = [], None, False
             for micro in range(step * accumulation, (step + 1) * accumulation):
                 index = micro_step_sample(micro, len(self.samples), config.seed, world, rank)
                 generator = micro_step_generator(config.seed, micro, rank)
@@ -249,16 +270,24 @@ class LoraTrainingRecipe:
                     with self.offload:
                         loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype, x_t)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
-                    self.optimizer.step()
+                    kill_point("train.mid_step", step + 1)
+                    if accelerator.sync_gradients:
+                        # max_grad_norm 0: clipping at inf scales by exactly 1.0, for the norm the guard reads
+                        grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm or math.inf)
+                        skip_update = self.nonfinite.skip_before_update(grad_norm)
+                    if not skip_update:
+                        self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
+            step_loss, norm = self._step_statistics(losses, grad_norm)  # the step's one host sync
+            if self._nonfinite_step(step + 1, step_loss, norm, skip_update, losses):  # raises NonFiniteError to stop
+                self.lr_scheduler.step()
+                reporter.log(f"step {step + 1}: skipped, {self.nonfinite.skipped[-1]['reason']} (samples {self.nonfinite.skipped[-1]['samples']})")
+                continue
             if self.ema is not None:
                 # EMAModel averages only tensors that require grad (it copies the rest): mark the copies
                 self.ema.step([p.detach().to(self.ema_device).requires_grad_(True) for p in self.params])
             self.lr_scheduler.step()
-            step_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
             self.loss_history.append(step_loss)
             if on_step is not None:
                 on_step(step + 1, step_loss, self.lr_scheduler.get_last_lr()[0])
@@ -267,6 +296,36 @@ class LoraTrainingRecipe:
             if (step + 1) % config.checkpointing_steps == 0 and step + 1 < self.max_steps:
                 self.save_checkpoint(step + 1)
                 reporter.log(f"step {step + 1}: checkpoint saved")
+
+    def _step_statistics(self, losses: list[torch.Tensor], grad_norm: torch.Tensor | None) -> tuple[float, float | None]:
+        """The step loss (mean over micro-steps and ranks) and the gradient norm, in one gather and one sync."""
+        loss = torch.stack(losses).mean()
+        norm = full_tensor(grad_norm).float().to(loss.device) if grad_norm is not None else torch.zeros((), device=loss.device)
+        gathered = self.accelerator.gather(torch.stack([loss, norm])[None])
+        step_loss, step_norm = torch.stack([gathered[:, 0].mean(), gathered[:, 1].max()]).tolist()
+        return step_loss, (step_norm if grad_norm is not None else None)
+
+    def _nonfinite_step(self, step: int, loss: float, norm: float | None, update_skipped: bool, losses: list[torch.Tensor]) -> bool:
+        if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
+            return False
+        last = ckpt.checkpoint_dirs(self.checkpoint_root)
+        return self.nonfinite.check(step, loss, norm, update_skipped, lambda: self._samples_of_step(step, losses), last[-1].name if last else None)
+
+    def _samples_of_step(self, step: int, losses: list[torch.Tensor]) -> list[str]:
+        """Names of the step's samples whose loss was not finite, on any rank (all of them if none was).
+
+        A collective (every rank reaches it: the decision came from gathered values); every rank's
+        sample index is a pure function of (micro-step, rank), so rank 0 names the others' too.
+        """
+        config, world = self.config, self.accelerator.num_processes
+        per_micro = self.accelerator.gather(torch.stack(losses)[None]).reshape(world, -1).cpu()
+        micros = range((step - 1) * config.gradient_accumulation_steps, step * config.gradient_accumulation_steps)
+        named = [
+            (bool(torch.isfinite(per_micro[rank, j])), self.samples[micro_step_sample(micro, len(self.samples), config.seed, world, rank)][0])
+            for rank in range(world) for j, micro in enumerate(micros)
+        ]
+        bad = [name for finite, name in named if not finite]
+        return list(dict.fromkeys(bad or [name for _, name in named]))
 
     def _scheduled_sampling_input(self, sample, sigma, noise, generator) -> torch.Tensor | None:
         config = self.config
@@ -304,6 +363,8 @@ class LoraTrainingRecipe:
                 ema={f"ema.{i}": p.detach().cpu() for i, p in enumerate(self.ema.shadow_params)} if self.ema else None,
                 ema_step=self.ema.optimization_step if self.ema else 0,
                 data_version=self.data_version,
+                mlflow_run_id=(self.tracker.run_id if self.tracker else None) or self.resumed_mlflow_run_id,
+                skipped_steps=self.nonfinite.skipped,
             )
             ckpt.save_checkpoint(self.checkpoint_root, state, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
@@ -325,6 +386,7 @@ class LoraTrainingRecipe:
         transformer = self.accelerator.unwrap_model(self.transformer)
         layers = lora_state_dict(transformer)
         if self.accelerator.is_main_process:
+            assert_finite(layers, f"the LoRA for {path}")
             save_lora(self.config.flavour.pipeline_cls(), layers, adapter_metadata(transformer), path)
 
     def cleanup(self) -> None:
@@ -335,63 +397,108 @@ def run_training(
     config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path, tags: dict[str, str],
     cache_command: str = CACHE_COMMAND,
 ) -> TrainResult | None:
+    """Rank 0 holds the output_dir lock for the whole run and first clears what a killed run left."""
+    if not run_lock.is_global_rank_zero():
+        return _run_training(config, dataset_config, manifest_path, project_root, tags, cache_command)
+    output_dir = dataset_config.resolve(config.output_dir)
+    with run_lock.output_dir_lock(output_dir):
+        removed = run_lock.remove_stale_temp_files(output_dir)
+        if removed:
+            print(f"removed {len(removed)} leftover(s) of an interrupted save: {', '.join(p.name for p in removed[:5])}", flush=True)
+        return _run_training(config, dataset_config, manifest_path, project_root, tags, cache_command)
+
+
+def _run_training(
+    config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path, tags: dict[str, str],
+    cache_command: str,
+) -> TrainResult | None:
     recipe = LoraTrainingRecipe(config, dataset_config, manifest_path, project_root, tags, cache_command)
     recipe.setup()
     is_main = recipe.accelerator.is_main_process
     started = time.time()
     with open_reporter(is_main) as reporter:
-        tracker = MlflowRun(config, project_root, tags, manifest_path) if (is_main and config.report_to == "mlflow") else None
-        progress = _progress_bar(recipe, is_main)
-
-        def on_step(step: int, loss: float, lr: float) -> None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
+        tracker = None
+        if is_main:
+            (recipe.output_dir / SUMMARY_NAME).unlink(missing_ok=True)  # written again when this run has finished
+            if config.report_to == "mlflow":
+                tracker = MlflowRun(
+                    config, project_root, tags, manifest_path, output_dir=recipe.output_dir,
+                    resume_run_id=recipe.resumed_mlflow_run_id, resuming=recipe.resumed_from is not None,
+                )
+        recipe.tracker = tracker
+        try:
+            return _train_and_save(recipe, reporter, tracker, started)
+        except BaseException as exc:
             if tracker:
-                tracker.log_step(step, loss, lr)
-            if step % max(1, recipe.max_steps // 10) == 0 or step == recipe.max_steps:
-                reporter.log(f"step {step}/{recipe.max_steps} loss {loss:.5f} lr {lr:.2e}")
+                status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+                note = tracker.end(status, timeout=10)
+                if note:
+                    reporter.log(note)
+            raise
 
-        recipe.train(reporter, on_step)
-        progress.close()
-        lora_path = recipe.save_lora()
-        recipe.save_checkpoint(recipe.max_steps)
-        recipe.cleanup()
-        if not is_main:
-            return None
-        history = recipe.loss_history
-        result = TrainResult(
-            steps=len(history),
-            final_loss=float(np.mean(history[-max(1, len(history) // 10):])) if history else math.nan,
-            loss_history=history,
-            lora_path=lora_path,
-            output_dir=recipe.output_dir,
-            seconds=time.time() - started,
-        )
-        curve = plot_loss(history, recipe.output_dir / "loss_curve.png")
+
+def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: MlflowRun | None, started: float) -> TrainResult | None:
+    """Train, save the LoRA and the final checkpoint, then (rank 0) the summary, MLflow's artifacts, Dagster's metadata."""
+    is_main = recipe.accelerator.is_main_process
+    progress = _progress_bar(recipe, is_main)
+
+    def on_step(step: int, loss: float, lr: float) -> None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}")
         if tracker:
-            result.mlflow_run_id, result.mlflow_run_url = tracker.run_id, tracker.url
-            for step, report in recipe.validation_reports:
-                tracker.log_validation(step, report)
-            tracker.finish(result, curve)
-        from trainer.io import atomic_write_json
+            tracker.log_step(step, loss, lr)
+        if step % max(1, recipe.max_steps // 10) == 0 or step == recipe.max_steps:
+            reporter.log(f"step {step}/{recipe.max_steps} loss {loss:.5f} lr {lr:.2e}")
 
-        atomic_write_json(recipe.output_dir / SUMMARY_NAME, result.to_json())
-        reporter.materialization(
-            {
-                "final_loss": result.final_loss,
-                "steps": result.steps,
-                "lora_path": str(lora_path),
-                "lora_bytes": lora_path.stat().st_size,
-                "loss_curve": str(curve),
-                "mlflow_run_id": result.mlflow_run_id or "",
-                "mlflow_run_url": result.mlflow_run_url or "",
-                "resumed_from": str(recipe.resumed_from or ""),
-                "data_version": recipe.data_version,  # the manifest's: as on pairing_manifest, in MLflow, in checkpoints
-                "train_seconds": round(result.seconds, 2),
-            }
-        )
-        reporter.log(f"saved LoRA to {lora_path} (final loss {result.final_loss:.5f})")
-        return result
+    try:
+        recipe.train(reporter, on_step)
+    finally:
+        progress.close()  # an error message then starts on a line of its own
+    lora_path = recipe.save_lora()
+    if recipe.start_step < recipe.max_steps:  # else this run finishes from its final checkpoint, which is there
+        recipe.save_checkpoint(recipe.max_steps)
+    kill_point("train.final_checkpoint_saved")
+    recipe.cleanup()
+    if not is_main:
+        return None
+    history = recipe.loss_history
+    result = TrainResult(
+        steps=len(history),
+        final_loss=float(np.mean(history[-max(1, len(history) // 10):])) if history else math.nan,
+        loss_history=history,
+        lora_path=lora_path,
+        output_dir=recipe.output_dir,
+        seconds=time.time() - started,
+    )
+    if recipe.nonfinite.skipped:
+        result.extra["skipped_steps"] = recipe.nonfinite.skipped
+    curve = plot_loss(history, recipe.output_dir / "loss_curve.png")
+    if tracker:
+        for step, report in recipe.validation_reports:
+            tracker.log_validation(step, report)
+        note = tracker.finish(result, curve)  # waits for the outbox: the run id is known once it has drained
+        result.mlflow_run_id, result.mlflow_run_url = tracker.run_id, tracker.url
+        if note:
+            reporter.log(note)
+    from trainer.io import atomic_write_json
+
+    atomic_write_json(recipe.output_dir / SUMMARY_NAME, result.to_json())
+    reporter.materialization(
+        {
+            "final_loss": result.final_loss,
+            "steps": result.steps,
+            "lora_path": str(lora_path),
+            "lora_bytes": lora_path.stat().st_size,
+            "loss_curve": str(curve),
+            "mlflow_run_id": result.mlflow_run_id or "",
+            "mlflow_run_url": result.mlflow_run_url or "",
+            "resumed_from": str(recipe.resumed_from or ""),
+            "data_version": recipe.data_version,  # the manifest's: as on pairing_manifest, in MLflow, in checkpoints
+            "train_seconds": round(result.seconds, 2),
+        }
+    )
+    reporter.log(f"saved LoRA to {lora_path} (final loss {result.final_loss:.5f})")
+    return result
 
 
 def _progress_bar(recipe: LoraTrainingRecipe, is_main: bool):
