@@ -65,6 +65,14 @@ def move_to_device_except(model: torch.nn.Module, device: torch.device, keep: se
         tensor.data = tensor.data.to(device)
 
 
+def park_frozen_on_cpu(block: torch.nn.Module) -> None:
+    """Move a block's frozen bytes to CPU memory as they are. Unlike `block.to("cpu")`, which lets quanto
+    convert device-specific packings (int4's GPU layouts) to CPU ones, this keeps the layout the GPU
+    kernels will read when BlockSwap copies the bytes back."""
+    for t in frozen_leaf_tensors(block):
+        t.data = t.data.to("cpu")
+
+
 def frozen_leaf_tensors(block: torch.nn.Module, recurse: bool = True) -> list[torch.Tensor]:
     """The plain tensors holding the bytes of `block`'s frozen parameters and buffers, each once."""
     found: dict[int, torch.Tensor] = {}
