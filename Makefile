@@ -10,6 +10,9 @@ export QWEN_EDIT_ROOT ?= $(CURDIR)
 export TOKENIZERS_PARALLELISM := false
 DAGSTER_PORT ?= 3000
 MLFLOW_PORT ?= 5000
+# the UIs listen on this machine only; set DAGSTER_HOST / MLFLOW_HOST (e.g. 0.0.0.0) to serve a network on purpose
+DAGSTER_HOST ?= 127.0.0.1
+MLFLOW_HOST ?= 127.0.0.1
 
 # `dagster dev` started in the background (`make ui &`, nohup, CI) inherits SIGINT/SIGTERM
 # ignored and then cannot be stopped; reset both before exec so Ctrl-C and kill work everywhere.
@@ -43,13 +46,13 @@ test: setup system-packages
 test-integration: setup system-packages
 	$(PY) -m pytest -q -p no:cacheprovider -m integration tests/integration
 
-## ui: Dagster webserver + daemon on 127.0.0.1:$(DAGSTER_PORT)
+## ui: Dagster webserver + daemon on $(DAGSTER_HOST):$(DAGSTER_PORT)
 ui: setup
-	exec $(WITH_SIGNALS) $(VENV)/bin/dagster dev -m qwen_edit_assets.definitions --host 127.0.0.1 --port $(DAGSTER_PORT)
+	exec $(WITH_SIGNALS) $(VENV)/bin/dagster dev -m qwen_edit_assets.definitions --host $(DAGSTER_HOST) --port $(DAGSTER_PORT)
 
-## mlflow-ui: the MLflow UI over the embedded store on 127.0.0.1:$(MLFLOW_PORT)
+## mlflow-ui: the MLflow UI over the embedded store on $(MLFLOW_HOST):$(MLFLOW_PORT)
 mlflow-ui: setup
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 clean-demo:
 	rm -rf demo outputs cache mlruns
