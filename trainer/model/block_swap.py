@@ -153,6 +153,7 @@ class BlockSwap:
         slot_bytes = max((b.nbytes for b in self.swapped.values()), default=0)
         self.slots = [_Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)) for _ in range(min(slots, len(self.order)))]
         self._handles = []
+        model._block_swap = self  # validation finds it to empty the slots before moving the model (evaluation.residency)
         for index, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._pre_hook(index)))
             self._handles.append(block.register_forward_hook(self._post_hook(index)))
@@ -196,6 +197,7 @@ class BlockSwap:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.model.__dict__.pop("_block_swap", None)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         for block in self.swapped.values():
@@ -316,6 +318,11 @@ class BlockSwap:
         if self.cuda:
             slot.free_event = torch.cuda.current_stream(self.device).record_event()
         slot.owner, block.slot = None, None
+
+    def release_all(self) -> None:
+        """Every swapped block back on its host copy (e.g. before the rest of the model leaves the card)."""
+        for index in self.order:
+            self._release(index)
 
     def loaded(self) -> list[int]:
         """The swapped blocks whose weights are on the device now."""
