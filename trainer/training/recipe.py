@@ -42,6 +42,7 @@ from trainer.training.data_order import (
 )
 from trainer.training.distributed import check_fsdp_config, make_accelerator, make_optimizer
 from trainer.training.flow_matching import sample_sigma
+from trainer.training.held_out import HELD_OUT_SAMPLES, base_and_lora_loss, held_out_grid
 from trainer.training.guards import NonFiniteGuard, assert_finite
 from trainer.training.loss import flow_matching_loss, rollout_input
 from trainer.training.sharding import full_optimizer_state, full_tensor, load_optimizer_state
@@ -336,6 +337,17 @@ class LoraTrainingRecipe:
         offset = float(torch.rand((), generator=generator)) * config.scheduled_sampling_max_step_offset / 1000
         return rollout_input(self.transformer, sample, sigma, noise, offset, config.scheduled_sampling_steps, self.weight_dtype)
 
+    def held_out_losses(self) -> tuple[float, float]:
+        """(base, LoRA) loss on the fixed σ/noise grid over the first training samples by name.
+
+        Every rank computes it (under FSDP each forward pass is a collective); the grid is the same on all.
+        """
+        unique = sorted(dict.fromkeys(self.samples), key=lambda sample: sample[0])[:HELD_OUT_SAMPLES]
+        samples = [load_sample(paths, name) for name, paths in unique]
+        grid = held_out_grid(samples, self.config.flow_schedule_shift, self.config.seed)
+        model = self.accelerator.unwrap_model(self.transformer)
+        return base_and_lora_loss(self.transformer, model, grid, self.accelerator.device, self.weight_dtype)
+
     def validate(self, step: int, reporter: Reporter) -> None:
         """Rank 0 edits the validation pairs with the current LoRA; the report goes to validation/step-N."""
         if self.accelerator.is_main_process:
@@ -454,6 +466,7 @@ def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: Mlf
         recipe.train(reporter, on_step)
     finally:
         progress.close()  # an error message then starts on a line of its own
+    held_out_base, held_out_lora = recipe.held_out_losses()  # every rank: FSDP's forwards are collectives
     lora_path = recipe.save_lora()
     if recipe.start_step < recipe.max_steps:  # else this run finishes from its final checkpoint, which is there
         recipe.save_checkpoint(recipe.max_steps)
@@ -470,6 +483,8 @@ def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: Mlf
         output_dir=recipe.output_dir,
         seconds=time.time() - started,
     )
+    # the loss_decreased check's numbers: the same fixed σ and noise with the adapters off and on
+    result.extra.update(held_out_base_loss=held_out_base, held_out_lora_loss=held_out_lora)
     if recipe.nonfinite.skipped:
         result.extra["skipped_steps"] = recipe.nonfinite.skipped
     curve = plot_loss(history, recipe.output_dir / "loss_curve.png")
@@ -492,12 +507,17 @@ def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: Mlf
             "loss_curve": str(curve),
             "mlflow_run_id": result.mlflow_run_id or "",
             "mlflow_run_url": result.mlflow_run_url or "",
+            "held_out_base_loss": held_out_base,
+            "held_out_lora_loss": held_out_lora,
             "resumed_from": str(recipe.resumed_from or ""),
             "data_version": recipe.data_version,  # the manifest's: as on pairing_manifest, in MLflow, in checkpoints
             "train_seconds": round(result.seconds, 2),
         }
     )
-    reporter.log(f"saved LoRA to {lora_path} (final loss {result.final_loss:.5f})")
+    reporter.log(
+        f"saved LoRA to {lora_path} (final loss {result.final_loss:.5f}; held-out loss {held_out_lora:.5f}, "
+        f"base {held_out_base:.5f})"
+    )
     return result
 
 

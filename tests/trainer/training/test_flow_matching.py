@@ -6,7 +6,7 @@ from functools import cache
 import pytest
 import torch
 
-from trainer.training.flow_matching import add_noise, sample_sigma, velocity_target
+from trainer.training.flow_matching import add_noise, sample_sigma, sigma_quantile, velocity_target
 
 DRAWS = 10_000
 
@@ -42,6 +42,7 @@ def test_sigma_follows_the_shifted_logit_normal_distribution(shift):
         u = _logit_normal_quantile(q)
         expected = shift * u / (1 + (shift - 1) * u)
         assert float(torch.quantile(sigmas, q)) == pytest.approx(expected, abs=0.01), (q, expected)
+        assert sigma_quantile(q, shift) == pytest.approx(expected, rel=1e-9)  # the held-out grid's σ
 
 
 def test_noising_and_the_velocity_target():
