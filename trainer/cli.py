@@ -195,6 +195,17 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_mlflow_sync(args) -> int:
+    """Send what a training run could not log while MLflow was unreachable (output_dir/mlflow_unsent.json)."""
+    from trainer.tracking.mlflow_run import sync_unsent
+    from trainer.tracking.store import redact_url, tracking_uri
+
+    uri = args.tracking_uri or tracking_uri(Path(args.root).resolve())
+    for run_id, calls in sync_unsent(args.output_dir, uri):
+        print(f"MLflow run {run_id}: {calls} call(s) sent to {redact_url(uri)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-edit", description="LoRA fine-tuning of the Qwen-Image Edit models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--root", type=Path, default=Path.cwd(), help="project folder holding mlruns/ (default: working directory)")
     compare.add_argument("--out", type=Path, help="report folder (default: ROOT/outputs/comparison)")
     compare.set_defaults(func=cmd_compare)
+    sync = commands.add_parser("mlflow-sync", help="send to MLflow what a training run could not (the store was down)")
+    sync.add_argument("output_dir", type=Path, help="the run's output_dir (it holds mlflow_unsent.json)")
+    sync.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the store under --root")
+    sync.add_argument("--root", type=Path, default=Path.cwd(), help="project folder holding mlruns/ (default: working directory)")
+    sync.set_defaults(func=cmd_mlflow_sync)
     demo = commands.add_parser("demo-setup", help="tiny models and the demo dataset under ./demo")
     demo.add_argument("--root", type=Path, default=Path.cwd())
     demo.set_defaults(func=cmd_demo_setup)

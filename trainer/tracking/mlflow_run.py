@@ -33,6 +33,8 @@ START_TIMEOUT_S = 60.0  # at the start, how long to wait for the run to exist wh
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 _REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}  # retrying won't help
 _MAX_BACKOFF_S = 30.0
+# errors of the call itself, not of the store (a local file gone, a value MLflow's client refuses): retrying won't help
+_LOCAL_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, TypeError, KeyError)
 
 
 class MlflowRun:
@@ -231,8 +233,11 @@ class _Writer:
 
         experiment = self.client.get_experiment_by_name(op["experiment"])
         if experiment is None:
+            location = op["artifact_location"]
+            if location is None and self.uri.startswith("sqlite:///"):  # MLflow's default is ./mlruns of the working dir
+                location = (Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
             try:
-                self.experiment_id = self.client.create_experiment(op["experiment"], artifact_location=op["artifact_location"])
+                self.experiment_id = self.client.create_experiment(op["experiment"], artifact_location=location)
             except MlflowException:  # another process created it meanwhile
                 self.experiment_id = self.client.get_experiment_by_name(op["experiment"]).experiment_id
         else:
@@ -317,7 +322,7 @@ class _Outbox(threading.Thread):
             except Exception as exc:
                 from mlflow.exceptions import MlflowException
 
-                if isinstance(exc, MlflowException) and exc.error_code in _REJECTED:
+                if (isinstance(exc, MlflowException) and exc.error_code in _REJECTED) or isinstance(exc, _LOCAL_ERRORS):
                     self.rejected.append(f"{batch[0]['op']}: {_describe(exc)}")
                     print(f"MLflow refused a {batch[0]['op']} call ({_describe(exc)}); it is dropped", flush=True)
                     self._done(batch)
