@@ -8,6 +8,7 @@ and in pixels (`trainer.evaluation.metrics`: PSNR, SSIM, edit success, preservat
 shift; meaningful for a model whose VAE reconstructs images, real or the trained demo model).
 """
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from html import escape
 from pathlib import Path
@@ -23,10 +24,11 @@ from trainer.config.schema import TrainConfig
 from trainer.data.images import load_rgb
 from trainer.data.pairing import reference_paths
 from trainer.evaluation.metrics import HIGHER_IS_BETTER, edit_metrics
+from trainer.evaluation.residency import TakingTurns
 from trainer.evaluation.sampling import EditConditioning, generate_latents
 from trainer.io import atomic_write_json, atomic_write_text
 from trainer.model.conditioning import encode_image_latents, encode_prompt, pack, prepare_references, preprocess_target
-from trainer.model.loading import compute_dtype, default_device, load_pipeline
+from trainer.model.loading import compute_dtype, default_device, load_pipeline, load_transformer
 
 MAX_TRAIN_ROWS_WITHOUT_EVAL = 4
 PROMPT_ROW = "validation_prompt"  # the row that edits with the config's validation_prompt
@@ -116,23 +118,66 @@ def run_validation(
     out_dir: Path,
     device: torch.device | None = None,
 ) -> ValidationReport:
-    """After training: a fresh pipeline, edits without and then with the exported LoRA file."""
+    """After training: a fresh pipeline, edits without and then with the exported LoRA file.
+
+    A quantised base (`base_model_precision`) or `blocks_to_swap` loads the transformer as training
+    does, so that validation fits the card training fitted; the encoders take turns with it there."""
     device = device or default_device()
-    pipe = load_pipeline(config, device, compute_dtype(config, device))
+    dtype = compute_dtype(config, device)
+    if config.base_model_precision == "no_change" and not config.blocks_to_swap:
+        pipe = load_pipeline(config, device, dtype)
 
-    def use(stage: str) -> None:
-        if stage == "lora":
-            pipe.load_lora_weights(str(lora_dir))
+        def use(stage: str) -> None:
+            if stage == "lora":
+                pipe.load_lora_weights(str(lora_dir))
 
-    return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use)
+        return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use)
+    from trainer.model.block_swap import BlockSwap
+
+    pipe = load_pipeline(config, torch.device("cpu"), dtype, transformer=False)
+    transformer, swapped = _transformer_as_training_loads_it(config, device, dtype)
+    pipe.register_modules(transformer=transformer)
+    if lora_dir:
+        pipe.load_lora_weights(str(lora_dir))
+    if swapped:  # after the LoRA is in: block swap moves (or keeps) its weights with their blocks
+        BlockSwap(transformer, swapped, device)
+    turns = TakingTurns(pipe, device)
+
+    def use_adapters(stage: str) -> None:
+        if lora_dir:
+            pipe.enable_lora() if stage == "lora" else pipe.disable_lora()
+
+    try:
+        return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use_adapters, turns)
+    finally:
+        turns.restore()
+
+
+def _transformer_as_training_loads_it(config: TrainConfig, device: torch.device, dtype: torch.dtype):
+    """Quantised block by block with the swapped blocks left in CPU memory, as training loads it;
+    returns the transformer and the numbers of the blocks to swap."""
+    from trainer.model.block_swap import move_to_device_except, swapped_block_indices
+    from trainer.model.quantization import quantize_transformer, repeated_blocks
+
+    transformer = load_transformer(config, dtype)
+    swapped = swapped_block_indices(len(repeated_blocks(transformer)), config.blocks_to_swap)
+    if config.base_model_precision not in ("no_change", "nf4-bnb"):
+        quantize_transformer(transformer, config, device, stay_on_cpu=swapped)
+    move_to_device_except(transformer, device, set(swapped))
+    transformer.requires_grad_(False)
+    return transformer, swapped
 
 
 def run_live_validation(
     transformer, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, device: torch.device, dtype: torch.dtype
 ) -> ValidationReport:
-    """During training: the training transformer itself, its LoRA switched off for the base row."""
-    pipe = load_pipeline(config, device, dtype, transformer=False)
+    """During training: the training transformer itself, its LoRA switched off for the base row.
+
+    Where the VL encoder and the VAE do not fit beside it, they take turns with it on the card
+    (`TakingTurns`): the transformer's weights wait in CPU memory while they encode and decode."""
+    pipe = load_pipeline(config, torch.device("cpu"), dtype, transformer=False)
     pipe.register_modules(transformer=transformer)
+    turns = TakingTurns(pipe, device)
     was_training = transformer.training
     transformer.eval()
 
@@ -140,8 +185,9 @@ def run_live_validation(
         transformer.disable_adapters() if stage == "base" else transformer.enable_adapters()
 
     try:
-        return validate(pipe, config, manifest, out_dir, ("base", "lora"), use)
+        return validate(pipe, config, manifest, out_dir, ("base", "lora"), use, turns)
     finally:
+        turns.restore()
         transformer.enable_adapters()
         transformer.train(was_training)
         pipe.register_modules(transformer=None)
@@ -150,8 +196,13 @@ def run_live_validation(
             torch.cuda.empty_cache()
 
 
-def validate(pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, stages: tuple[str, ...], use) -> ValidationReport:
-    """Edit every validation pair once per stage (`use(stage)` readies the pipe), score, write the report."""
+def validate(
+    pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, stages: tuple[str, ...], use, turns=None
+) -> ValidationReport:
+    """Edit every validation pair once per stage (`use(stage)` readies the pipe), score, write the report.
+
+    `turns` (a `TakingTurns`) puts only each phase's components on the card: encoders, transformer, VAE."""
+    phase = turns.phase if turns is not None else (lambda name: nullcontext())
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rows_df, split = validation_rows(manifest)
@@ -159,15 +210,29 @@ def validate(pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, s
     rows = [ValidationRow(r["name"], r["caption"], reference_paths(r), r["target_path"]) for _, r in rows_df.iterrows()]
     if config.validation_prompt and rows:  # the user's own instruction on the first pair's references
         rows.append(ValidationRow(PROMPT_ROW, config.validation_prompt, list(rows[0].references), target=""))
-    conditioning = {
-        row.name: encode_conditioning(pipe, config, row.caption, [load_rgb(p) for p in row.references])
-        for row in tqdm(rows, desc="validation: encoding", unit="pair")
-    }
+    with phase("encode"):
+        conditioning = {
+            row.name: encode_conditioning(pipe, config, row.caption, [load_rgb(p) for p in row.references])
+            for row in tqdm(rows, desc="validation: encoding", unit="pair")
+        }
     outputs = {}
-    for stage in stages:
-        use(stage)
-        for row in tqdm(rows, desc=f"validation: {stage} edits", unit="pair"):
-            outputs[(stage, row.name)] = edit_latents(pipe, config, conditioning[row.name])
+    with phase("generate"):
+        for stage in stages:
+            use(stage)
+            for row in tqdm(rows, desc=f"validation: {stage} edits", unit="pair"):
+                outputs[(stage, row.name)] = edit_latents(pipe, config, conditioning[row.name])
+    with phase("decode"):
+        _decode_and_score(pipe, config, rows, stages, outputs, out_dir)
+    summary = mean_metrics(rows)
+    grid = write_grid(rows, out_dir / "validation_grid.png", cell=max(96, min(256, width)))
+    html = write_html(rows, out_dir / "report.html", config, split, summary)
+    report = ValidationReport(rows, html, grid, summary, split)
+    atomic_write_json(out_dir / "report.json", report.to_json())
+    return report
+
+
+def _decode_and_score(pipe, config: TrainConfig, rows: list, stages: tuple[str, ...], outputs: dict, out_dir: Path) -> None:
+    width, height = config.validation_size
     for row in rows:
         row.references = [_copy_image(p, out_dir / "images" / f"{row.name}_reference_{i + 1}.png") for i, p in enumerate(row.references)]
         images = {}
@@ -186,12 +251,6 @@ def validate(pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, s
                 row.metrics[f"{stage}_latent_mse"] = float(torch.mean((tokens.float().cpu() - target_tokens.float().cpu()) ** 2))
                 for name, value in edit_metrics(images[stage], target_image, reference_image).items():
                     row.metrics[f"{stage}_{name}"] = value
-    summary = mean_metrics(rows)
-    grid = write_grid(rows, out_dir / "validation_grid.png", cell=max(96, min(256, width)))
-    html = write_html(rows, out_dir / "report.html", config, split, summary)
-    report = ValidationReport(rows, html, grid, summary, split)
-    atomic_write_json(out_dir / "report.json", report.to_json())
-    return report
 
 
 def mean_metrics(rows: list[ValidationRow]) -> dict[str, float]:

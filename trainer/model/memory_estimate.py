@@ -28,6 +28,7 @@ GiB = 2**30
 WORKING_TENSORS_PER_TOKEN = 42
 SAVED_TENSORS_PER_TOKEN = 20
 RESERVED_SLACK = 0.45  # the allocator's cached-but-free share, as a fraction of the working set
+OTHER_GIB = 0.35  # RoPE tables, cuBLAS workspace, small temporaries: measured, the same in every case
 CUDA_CONTEXT_GIB = 0.5  # CUDA context, cuBLAS workspaces: on the card, outside PyTorch's allocator
 CARD_VISIBLE = 0.983  # a "24 GB" card shows about 23.6 GiB (RTX 4090: 23.65; RTX 3060 12 GB: 11.76)
 
@@ -181,6 +182,7 @@ def estimate_training_memory(config: TrainConfig, shape: SequenceShape, model: T
         "optimizer state": 0.0 if config.offload_optimizer_state else moments / GiB,
         "checkpointed block inputs": 0.0 if config.offload_activations else block_inputs / GiB,
         "one block's recompute + backward" if config.gradient_checkpointing else "saved activations": working / GiB,
+        "other (RoPE tables, workspaces)": OTHER_GIB,
     }
     allocated = sum(parts.values())
     if config.offload_optimizer_state:  # the moments come back for optimizer.step(), when activations are gone
