@@ -13,6 +13,7 @@ from qwen_edit_assets.assets.raw_datasets import raw_asset_key, raw_dataset_asse
 from qwen_edit_assets.assets.training import trained_lora
 from qwen_edit_assets.assets.validation import validation_report
 from qwen_edit_assets.automation import new_pairs_sensor, retrain_job, retrain_schedule
+from qwen_edit_assets.io_managers import ManifestIOManager
 from qwen_edit_assets.resources import QwenEditProject, project_from_env
 
 
@@ -25,7 +26,8 @@ def build_definitions(project: QwenEditProject | None = None) -> dg.Definitions:
         jobs=[retrain_job],
         schedules=[retrain_schedule],
         sensors=[new_pairs_sensor],
-        resources={"project": project, "pipes_subprocess_client": dg.PipesSubprocessClient()},
+        # io_manager: the manifest handed to downstream assets as JSON, not Dagster's default pickles
+        resources={"project": project, "pipes_subprocess_client": dg.PipesSubprocessClient(), "io_manager": ManifestIOManager()},
         # one process per run: a process per step re-imports torch and diffusers each time (~3x slower
         # on the demo); training still runs in its own accelerate subprocess under Pipes
         executor=dg.in_process_executor,
