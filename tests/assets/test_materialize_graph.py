@@ -14,6 +14,7 @@ from trainer.workflow import example_paths
 
 pytestmark = pytest.mark.slow
 TRAIN_STEPS = 80
+HELD_OUT_BAR = 0.95  # measured 0.906 (base 1.551, LoRA 1.405) on the tiny-model demo; no learning gives 1.0000
 
 
 def _materialize_all(root: Path, config: Path, data: Path, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
@@ -52,13 +53,20 @@ def test_every_asset_materialises(materialized):
     assert sum(k.startswith("raw/") for k in keys) == 8
 
 
-def test_training_loss_goes_down(materialized):
-    _, out, _ = materialized
-    history = json.loads((out / "training_summary.json").read_text())["loss_history"]
-    tenth = len(history) // 10
-    assert len(history) == TRAIN_STEPS
-    first, last = sum(history[:tenth]) / tenth, sum(history[-tenth:]) / tenth
-    assert last < 0.95 * first, (first, last)
+def test_training_lowers_the_held_out_loss_and_the_check_says_so(materialized):
+    """loss_decreased compares the LoRA with the base on the same fixed σ and noise (no-learning baseline),
+    not the first and last training losses, which differ by their σ draws alone."""
+    result, out, _ = materialized
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert len(summary["loss_history"]) == TRAIN_STEPS
+    base, lora = summary["held_out_base_loss"], summary["held_out_lora_loss"]
+    print(f"held-out loss: base {base:.5f}, LoRA {lora:.5f}, ratio {lora / base:.4f}")
+    assert lora < HELD_OUT_BAR * base, (base, lora)
+    (check,) = result.get_asset_check_evaluations()
+    assert (check.check_name, check.passed) == ("loss_decreased", True)
+    assert check.metadata["held_out_lora_loss"].value == lora and check.metadata["held_out_base_loss"].value == base
+    metadata = _materialization(result, "trained_lora").metadata
+    assert (metadata["held_out_base_loss"].value, metadata["held_out_lora_loss"].value) == (base, lora)
 
 
 def test_trained_lora_metadata_points_at_the_lora_and_the_mlflow_run(materialized):
