@@ -129,7 +129,7 @@ def run_validation(
 
         def use(stage: str) -> None:
             if stage == "lora":
-                pipe.load_lora_weights(str(lora_dir))
+                pipe.load_lora_weights(str(lora_dir), use_safetensors=True)  # never a pickled .bin
 
         return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use)
     from trainer.model.block_swap import BlockSwap
@@ -138,7 +138,7 @@ def run_validation(
     transformer, swapped = _transformer_as_training_loads_it(config, device, dtype)
     pipe.register_modules(transformer=transformer)
     if lora_dir:
-        pipe.load_lora_weights(str(lora_dir))
+        pipe.load_lora_weights(str(lora_dir), use_safetensors=True)
     if swapped:  # after the LoRA is in: block swap moves (or keeps) its weights with their blocks
         BlockSwap(transformer, swapped, device)
     turns = TakingTurns(pipe, device)

@@ -4,6 +4,7 @@ The same calls load `Qwen/Qwen-Image-Edit` from the Hub, a local diffusers folde
 tiny random-weight test model: nothing here knows which one it is given.
 """
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ def load_pipeline(
         for name, wanted in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae))
         if not wanted
     }
-    pipe = config.flavour.pipeline_cls().from_pretrained(config.model_path, dtype=dtype, **skip)
+    with _safetensors_only(config):
+        pipe = config.flavour.pipeline_cls().from_pretrained(config.model_path, dtype=dtype, use_safetensors=True, **skip)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -65,6 +67,21 @@ def load_transformer(config: TrainConfig, dtype: torch.dtype):
         from trainer.model.quantization import bnb_quantization_config
 
         kwargs["quantization_config"] = bnb_quantization_config(config)
-    return QwenImageTransformer2DModel.from_pretrained(
-        config.model_path, subfolder="transformer", dtype=dtype, **kwargs
-    )
+    with _safetensors_only(config):
+        return QwenImageTransformer2DModel.from_pretrained(
+            config.model_path, subfolder="transformer", dtype=dtype, use_safetensors=True, **kwargs
+        )
+
+
+@contextmanager
+def _safetensors_only(config: TrainConfig):
+    """Weights load from .safetensors only: a pickled .bin/.pt in a model folder could run code when loaded."""
+    try:
+        yield
+    except OSError as exc:
+        from trainer.errors import ConfigError
+
+        raise ConfigError(
+            f"pretrained_model_name_or_path={config.model_path!r}: cannot load the model ({' '.join(str(exc).split())[:300]}); "
+            "qwen-edit reads weights from .safetensors files only (pickled .bin/.pt weights can run code when loaded)"
+        ) from None
