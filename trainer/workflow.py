@@ -18,6 +18,7 @@ from trainer.config.schema import TrainConfig
 from trainer.data.dataset_config import DatasetConfig, load_dataset_config
 from trainer.data.pairing import PairingReport, build_manifest, read_manifest, write_manifest
 from trainer.errors import ConfigError
+from trainer.paths import check_inside_root, resolved_folder
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 MANIFEST_NAME = "pairing_manifest.json"
@@ -55,7 +56,7 @@ class Project:
 
 
 def load_project(config_path: Path, data_path: Path | None = None, root: Path | None = None, overrides: dict | None = None) -> Project:
-    root = Path(root or Path.cwd()).resolve()
+    root = resolved_folder(Path(root or Path.cwd()), "project root")
     config_path = _under(root, Path(config_path))
     config = load_train_config(config_path, overrides)
     if data_path is None:
@@ -65,6 +66,7 @@ def load_project(config_path: Path, data_path: Path | None = None, root: Path | 
     data_path = _under(root, Path(data_path))
     config = with_local_model_path(config, root)
     dataset_config = load_dataset_config(data_path, config.flavour, base_dir=root, defaults=config.dataset_defaults)
+    check_inside_root(config, dataset_config, root, str(data_path))
     if config.eval_dataset_id is not None:
         entry = dataset_config.by_id(config.eval_dataset_id)
         if entry.dataset_type != "image":

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from trainer.config.simpletuner_keys import DATASET_DEFAULT_KEYS
+from trainer.config.value_checks import MAX_COUNT, MAX_SEED, MAX_SIDE, in_range, no_bool_for_number, path_text
 from trainer.data.images import CropAspect, ResolutionType
 from trainer.model.flavours import FlavourName, get_flavour
 
@@ -23,6 +24,31 @@ LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
 Optimizer = Literal["adamw", "adamw_bf16", "adamw8bit"]
+
+
+# Bounds beyond the Field ones: past them a value fails later (an overflow, a C integer, memory), so
+# `check` refuses it. Non-finite floats (Infinity, NaN) are refused for every key (allow_inf_nan).
+_RANGES = {
+    "resolution": (0, MAX_SIDE),
+    "minimum_image_size": (0, MAX_SIDE),
+    "train_batch_size": (1, MAX_COUNT),
+    "gradient_accumulation_steps": (1, 2**16),
+    "max_train_steps": (0, MAX_COUNT),
+    "num_train_epochs": (0, MAX_COUNT),
+    "lr_warmup_steps": (0, MAX_COUNT),
+    "lora_rank": (1, 4096),
+    "seed": (0, MAX_SEED),
+    "flow_schedule_shift": (0, 100),
+    "scheduled_sampling_steps": (1, 1000),
+    "blocks_to_swap": (0, 1000),
+    "checkpointing_steps": (1, MAX_COUNT),
+    "checkpoints_total_limit": (1, MAX_COUNT),
+    "validation_guidance": (0, 100),
+    "validation_num_inference_steps": (1, 1000),
+    "validation_step_interval": (1, MAX_COUNT),
+    "validation_seed": (0, MAX_SEED),
+}
+_PATH_KEYS = ("pretrained_model_name_or_path", "data_backend_config", "output_dir", "resume_from_checkpoint")
 
 
 class ModelKwargs(BaseModel):
@@ -40,7 +66,7 @@ class ModelKwargs(BaseModel):
 class TrainConfig(BaseModel):
     """Every key of SPEC §3, with SimpleTuner's names and meanings."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # model
     model_type: Literal["lora"] = Field("lora", description="only LoRA training")
@@ -207,6 +233,19 @@ class TrainConfig(BaseModel):
 
     # outputs, checkpoints
     output_dir: str = Field("output/models", description="LoRA, checkpoints, manifest, validation report")
+    allow_paths_outside_root: bool = Field(
+        False,
+        description=(
+            "relative paths (and the cache folders named after dataset ids) must stay inside the project root after "
+            "'..' and symlinks are followed; true lifts that (absolute paths are never restricted)"
+        ),
+    )
+    checkpointing_steps: int = Field(500, ge=1, description="save a resumable checkpoint every N optimiser steps")
+    checkpoints_total_limit: int | None = Field(None, ge=1, description="keep the newest N checkpoints")
+    resume_from_checkpoint: str | None = Field(
+        None,
+        description="`latest` or a checkpoint folder; resumes LoRA, optimiser, scheduler and step",
+    )
     checkpointing_steps: int = Field(500, ge=1, description="save a resumable checkpoint every N optimiser steps")
     checkpoints_total_limit: int | None = Field(None, ge=1, description="keep the newest N checkpoints")
     resume_from_checkpoint: str | None = Field(
@@ -256,6 +295,28 @@ class TrainConfig(BaseModel):
 
     _notes: tuple[str, ...] = PrivateAttr(default=())  # SimpleTuner keys read without effect
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info) -> Any:
+        return no_bool_for_number(cls, info.field_name, value)
+
+    @field_validator(*_RANGES)
+    @classmethod
+    def _within_bounds(cls, value: Any, info) -> Any:
+        return in_range(value, *_RANGES[info.field_name])
+
+    @field_validator(*_PATH_KEYS)
+    @classmethod
+    def _openable_path(cls, value: str | None) -> str | None:
+        return path_text(value)
+
+    @field_validator("tracker_project_name")
+    @classmethod
+    def _experiment_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the MLflow experiment name cannot be empty")
+        return value
+
     @field_validator("validation_resolution", mode="before")
     @classmethod
     def _parse_resolution(cls, value: Any) -> str:
@@ -263,7 +324,7 @@ class TrainConfig(BaseModel):
             value = str(value)
         if isinstance(value, str) and (match := re.fullmatch(r"(\d+)(?:x(\d+))?", value.strip())):
             width, height = int(match[1]), int(match[2] or match[1])
-            if width > 0 and height > 0:
+            if 0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE:
                 return f"{width}x{height}"
         raise ValueError(f"expected 'WIDTHxHEIGHT' such as '1024x1024' or '768x768', got {value!r}")
 

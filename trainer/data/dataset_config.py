@@ -12,19 +12,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainer.config.parsing import problems_message, read_json_with_comments, validate_model
 from trainer.config.simpletuner_keys import DATASET_KEYS, translate
+from trainer.config.value_checks import MAX_AREA_MEGAPIXELS, MAX_SIDE, no_bool_for_number, path_text, plain_name
 from trainer.data.images import CropAspect, ResolutionType, bucket_size
 from trainer.errors import ConfigError, suggest
+from trainer.paths import resolved_folder
 from trainer.model.flavours import Flavour
 
 DatasetType = Literal["image", "conditioning", "conditioning_image_embeds", "text_embeds"]
 CaptionStrategy = Literal["textfile", "filename", "instanceprompt"]
 
+MAX_REPEATS = 10_000  # each repeat lists every sample once more in memory
+
+
 class DatasetEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: str = Field(min_length=1, description="unique name of the entry; the default cache folders are named after it")
     type: Literal["local"] = Field("local", description="`local`: a folder on disk")
@@ -116,12 +121,36 @@ class DatasetEntry(BaseModel):
         ),
     )
     repeats: int = Field(
-        0, ge=0,
+        0, ge=0, le=MAX_REPEATS,
         description=(
             "each sample of the dataset is seen 1 + `repeats` times per epoch (weights one dataset against "
             "another)"
         ),
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info) -> Any:
+        return no_bool_for_number(cls, info.field_name, value)
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_folder_name(cls, value: str) -> str:
+        return plain_name(value)
+
+    @field_validator("instance_data_dir", "cache_dir_vae", "cache_dir")
+    @classmethod
+    def _openable_path(cls, value: str | None) -> str | None:
+        return path_text(value)
+
+    @model_validator(mode="after")
+    def _sizes_within_bounds(self) -> "DatasetEntry":
+        limit = MAX_AREA_MEGAPIXELS if self.resolution_type == "area" else MAX_SIDE
+        for key in ("resolution", "minimum_image_size"):
+            value = getattr(self, key)
+            if value is not None and value > limit:
+                raise ValueError(f"{key}={value:g} is beyond {limit:g} ({self.resolution_type}); training sizes stop at {MAX_SIDE} pixels a side")
+        return self
 
     def bucket(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) a target of this dataset trains at."""
@@ -222,7 +251,7 @@ def parse_dataset_config(
             item = {**(defaults or {}), **item}
         entries.append(validate_model(DatasetEntry, item, where, translated.problems))
         notes += translated.notes
-    config = DatasetConfig(tuple(entries), source, Path(base_dir or Path.cwd()).resolve(), tuple(notes))
+    config = DatasetConfig(tuple(entries), source, resolved_folder(Path(base_dir or Path.cwd()), "project root"), tuple(notes))
     _check_references(config, flavour)
     return config
 

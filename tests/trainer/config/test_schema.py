@@ -91,6 +91,7 @@ def test_the_spec_key_lists_cover_the_whole_schema_except_documented_extras():
         "scheduled_sampling_probability", "scheduled_sampling_max_step_offset", "scheduled_sampling_steps",
         *DATASET_DEFAULT_KEYS,  # tests/trainer/test_simpletuner_keys.py
         "offload_activations", "offload_optimizer_state",  # tests/gpu/test_memory.py, below
+        "allow_paths_outside_root",  # tests/trainer/test_paths.py
     }  # fmt: skip
     assert set(TrainConfig.model_fields) == set(GUIDE_KEYS) | set(SIMPLETUNER_KEYS) | extras
 
