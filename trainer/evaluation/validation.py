@@ -29,6 +29,7 @@ from trainer.evaluation.sampling import EditConditioning, generate_latents
 from trainer.io import atomic_write_json, atomic_write_text
 from trainer.model.conditioning import encode_image_latents, encode_prompt, pack, prepare_references, preprocess_target
 from trainer.model.loading import compute_dtype, default_device, load_pipeline, load_transformer
+from trainer.tracking.mlflow_run import outage_tolerant
 
 MAX_TRAIN_ROWS_WITHOUT_EVAL = 4
 PROMPT_ROW = "validation_prompt"  # the row that edits with the config's validation_prompt
@@ -340,6 +341,7 @@ def write_html(rows: list[ValidationRow], path: Path, config: TrainConfig, split
     return path
 
 
+@outage_tolerant("the validation report")
 def log_to_mlflow(report: ValidationReport, run_id: str, tracking_uri: str) -> None:
     """Attach the report, the grid and the mean metrics to the training run."""
     import mlflow

@@ -14,9 +14,11 @@ killed is marked KILLED when the next run on that output_dir starts (unless it i
 """
 
 import collections
+import functools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -148,6 +150,35 @@ class MlflowRun:
             f"MLflow at {redact_url(self.uri)} did not take everything ({error}); not logged: {'; '.join(parts)}"
             f"{where}. The LoRA and training_summary.json are saved as usual"
         )
+
+
+def outage_tolerant(what: str):
+    """For the MLflow calls after training (the validation report): an outage prints what was not
+    logged instead of failing that stage; the files it would have logged are on disk either way."""
+
+    def wrap(function):
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            saved = {key: os.environ.get(key) for key in HTTP_DEFAULTS}
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                return function(*args, **kwargs)
+            except (MlflowException, OSError) as exc:  # the store's or the network's; a bug still raises
+                print(f"warning: MLflow did not take {what} ({_describe(exc)}); it is not in the MLflow run", file=sys.stderr, flush=True)
+                return None
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+
+        return call
+
+    return wrap
 
 
 def sync_unsent(output_dir: Path, uri: str) -> list[tuple[str | None, int]]:

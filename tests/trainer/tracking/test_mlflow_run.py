@@ -200,3 +200,14 @@ def test_training_with_a_locked_sqlite_store_finishes_and_catches_up(demo_root, 
     assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
     history = _client(uri).get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+
+
+def test_logging_the_validation_report_to_a_store_that_is_down_warns_instead_of_failing(tmp_path, capsys):
+    from trainer.evaluation.validation import log_to_mlflow
+
+    report = SimpleNamespace(summary={"lora_latent_mse": 0.1}, html_path=tmp_path / "report.html", rows=[])
+    started = time.time()
+    assert log_to_mlflow(report, "0" * 32, refused_uri("carol:letmein@"), step=4) is None
+    assert time.time() - started < 30
+    warning = capsys.readouterr().err
+    assert "warning: MLflow did not take the validation report" in warning and "letmein" not in warning
