@@ -163,6 +163,8 @@ def training_env(project: Project) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     env["MLFLOW_TRACKING_URI"] = tracking_uri(project.root)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # before CUDA starts: once an import has started it (bitsandbytes does), the recipe's own request is too late
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     return env
 
 

@@ -27,7 +27,10 @@ GiB = 2**30
 # its peak, and what an uncheckpointed block saves for the backward (fitted, see the module docstring)
 WORKING_TENSORS_PER_TOKEN = 42
 SAVED_TENSORS_PER_TOKEN = 20
-RESERVED_SLACK = 0.45  # the allocator's cached-but-free share, as a fraction of the working set
+# what the allocator keeps reserved beyond the allocated peak (expandable segments on): a share of the
+# working set, and more with every swapped block (fitted to benchmarks/RESULTS.md, within ~0.4 GiB)
+RESERVED_SLACK = 0.55
+RESERVED_PER_SWAPPED_BLOCK_GIB = 0.035
 OTHER_GIB = 0.35  # RoPE tables, cuBLAS workspace, small temporaries: measured, the same in every case
 CUDA_CONTEXT_GIB = 0.5  # CUDA context, cuBLAS workspaces: on the card, outside PyTorch's allocator
 CARD_VISIBLE = 0.983  # a "24 GB" card shows about 23.6 GiB (RTX 4090: 23.65; RTX 3060 12 GB: 11.76)
@@ -194,7 +197,7 @@ def estimate_training_memory(config: TrainConfig, shape: SequenceShape, model: T
         host["block inputs"] = block_inputs / GiB
     if config.offload_optimizer_state:
         host["optimizer state"] = moments / GiB
-    reserved = allocated + RESERVED_SLACK * working / GiB
+    reserved = allocated + RESERVED_SLACK * working / GiB + RESERVED_PER_SWAPPED_BLOCK_GIB * swapped
     return MemoryEstimate(parts, allocated, reserved, shape, swapped, host)
 
 

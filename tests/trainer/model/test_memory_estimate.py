@@ -110,3 +110,16 @@ def test_qwen_edit_check_prints_the_prediction_for_the_card(demo_root, tmp_path,
     assert main(["check", "--config", str(config_path), "--data", str(data_path), "--root", str(tmp_path), "--gpu-memory", "12"]) == 0
     out = capsys.readouterr().out
     assert "predicted GPU memory per training step" in out and "a 12 GB card leaves about 11.3 GiB" in out
+
+
+def test_the_training_process_starts_with_expandable_segments_unless_the_user_chose(demo_root, tmp_path, monkeypatch):
+    """Set in the launched process's environment, before anything can start CUDA (the reserved peak
+    stays near the allocated one); a user's own PYTORCH_CUDA_ALLOC_CONF wins."""
+    from tests.conftest import write_small_project
+    from trainer.workflow import load_project, training_env
+
+    project = load_project(*write_small_project(tmp_path, demo_root / "demo" / "models"), tmp_path)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert training_env(project)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert training_env(project)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
