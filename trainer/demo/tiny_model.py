@@ -128,13 +128,13 @@ def _text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGenerati
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def _processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLProcessor:
+def _processor(tokenizer: Qwen2Tokenizer, max_pixels: int = MAX_PIXELS) -> Qwen2VLProcessor:
     sizes = dict(
         patch_size=PATCH,
         merge_size=MERGE,
         temporal_patch_size=TEMPORAL_PATCH,
         min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
+        max_pixels=max_pixels,
     )
     # transformers 5 always gives Qwen2VLProcessor a video processor; pass one with the same
     # patching, or it builds a default one.
