@@ -28,6 +28,9 @@ def quantize_transformer(
             "base_model_precision 'nf4-bnb' is applied when the transformer is loaded "
             "(trainer.model.loading.bnb_quantization_config); it cannot be applied afterwards"
         )
+    if precision == "fp8-native":
+        convert_transformer_to_fp8(transformer, config, device, stay_on_cpu)
+        return
     import optimum.quanto as quanto
 
     weights = getattr(quanto, QUANTO_WEIGHTS[precision])
@@ -52,6 +55,27 @@ def quantize_transformer(
         move_to_device_except(transformer, device, set(stay_on_cpu))
     quanto.quantize(transformer, weights=weights, activations=activations, exclude=KEEP_FULL_PRECISION + done)
     quanto.freeze(transformer)
+
+
+def convert_transformer_to_fp8(
+    transformer: torch.nn.Module, config: TrainConfig, device: torch.device, stay_on_cpu: Collection[int] = ()
+) -> None:
+    """fp8-native (trainer.model.fp8_linear): every linear layer of the blocks in float8, the edges in full
+    precision. On the accelerator path one block at a time reaches the card in full precision."""
+    from trainer.model.block_swap import move_to_device_except, park_frozen_on_cpu
+    from trainer.model.fp8_linear import convert_linears_to_fp8, use_native_fp8
+
+    on_accelerator = config.quantize_via == "accelerator"
+    for index, (prefix, block) in enumerate(repeated_blocks(transformer)):
+        if on_accelerator:
+            block.to(device)
+        convert_linears_to_fp8(block, KEEP_FULL_PRECISION, prefix)
+        if on_accelerator and index in stay_on_cpu:
+            park_frozen_on_cpu(block)
+    convert_linears_to_fp8(transformer, KEEP_FULL_PRECISION)  # any linear layer outside the blocks, edges excepted
+    if on_accelerator:
+        move_to_device_except(transformer, device, set(stay_on_cpu))
+    use_native_fp8(transformer, device)
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

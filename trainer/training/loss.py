@@ -13,12 +13,13 @@ def predict_velocity(transformer, sample: CachedSample, x_t: torch.Tensor, sigma
     device = sigma.device
     noisy = pack(x_t)
     references = [pack(r[None].to(device, torch.float32)) for r in sample.references]
-    mask = sample.prompt_embeds_mask[None].to(device)
+    # the pipeline drops an all-ones mask; asked of the cached (CPU) mask, so the host never waits for the card
+    all_ones = bool(sample.prompt_embeds_mask.all())
     prediction = transformer(
         hidden_states=torch.cat([noisy, *references], dim=1).to(dtype),
         timestep=sigma.to(dtype),  # the pipeline passes t / 1000 = σ
         encoder_hidden_states=sample.prompt_embeds[None].to(device, dtype),
-        encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # as the pipeline drops an all-ones mask
+        encoder_hidden_states_mask=None if all_ones else sample.prompt_embeds_mask[None].to(device),
         img_shapes=img_shapes(x_t[0], [r[None] for r in sample.references]),
         return_dict=False,
     )[0]

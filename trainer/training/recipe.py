@@ -28,6 +28,7 @@ from trainer.model.loading import load_transformer
 from trainer.model.lora import LORA_WEIGHTS_NAME, adapter_metadata, add_lora, load_lora_state_dict, lora_state_dict, save_lora
 from trainer.model.memory import OffloadActivations, offload_optimizer_state, use_expandable_segments
 from trainer.model.quantization import quantize_transformer, repeated_blocks
+from trainer.model.speed import apply_speed_settings
 from trainer.tracking.mlflow_run import MlflowRun
 from trainer.tracking.plots import plot_loss
 from trainer.tracking.reporting import Reporter, open_reporter
@@ -139,8 +140,7 @@ class LoraTrainingRecipe:
         if not self.sharded:  # FSDP moves each shard to its card as it shards: the whole model never lands on one
             move_to_device_except(transformer, device, set(swapped))
         params = add_lora(transformer, config.lora_rank, config.lora_scale_alpha, config.seed)
-        if config.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        apply_speed_settings(transformer, config, device)  # checkpointing (selective), attention kernel, compile
         self.block_swap = BlockSwap(transformer, swapped, device) if swapped else None
         self.offload = OffloadActivations() if config.offload_activations and self._on_gpu else nullcontext()
         return transformer, params
