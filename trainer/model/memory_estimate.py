@@ -36,7 +36,7 @@ CUDA_CONTEXT_GIB = 0.5  # CUDA context, cuBLAS workspaces: on the card, outside 
 CARD_VISIBLE = 0.983  # a "24 GB" card shows about 23.6 GiB (RTX 4090: 23.65; RTX 3060 12 GB: 11.76)
 
 # bytes per linear weight by base_model_precision (scales and absmax counted apart, in linear_bytes)
-WEIGHT_BYTES = {"int8-quanto": 1.0, "fp8-quanto": 1.0, "int4-quanto": 0.5, "int2-quanto": 0.25, "nf4-bnb": 0.5}
+WEIGHT_BYTES = {"int8-quanto": 1.0, "fp8-quanto": 1.0, "fp8-native": 1.0, "int4-quanto": 0.5, "int2-quanto": 0.25, "nf4-bnb": 0.5}
 QUANTO_GROUP = 128  # int4/int2: a scale and a shift per group of 128 inputs
 BNB_BLOCK = 64  # nf4: an fp32 absmax per 64 weights
 
@@ -50,6 +50,8 @@ def linear_bytes(in_features: int, out_features: int, precision: str, full_preci
     stored = weights * WEIGHT_BYTES[precision]
     if precision in ("int8-quanto", "fp8-quanto"):
         scales = out_features * full_precision_bytes  # one per output row
+    elif precision == "fp8-native":
+        scales = out_features * 4  # one float32 per output row (trainer/model/fp8_linear.py)
     elif precision == "nf4-bnb":
         scales = math.ceil(weights / BNB_BLOCK) * 4
     else:
@@ -171,10 +173,14 @@ def estimate_training_memory(config: TrainConfig, shape: SequenceShape, model: T
     moments = model.lora_params(config.lora_rank) * (2 if config.optimizer == "adamw8bit" else 8)
     token_bytes = shape.total * model.dim * 2
     if config.gradient_checkpointing:
-        block_inputs = model.num_layers * token_bytes
-        working = WORKING_TENSORS_PER_TOKEN * token_bytes
+        # gradient_checkpointing_interval N: blocks 0, N, 2N, ... are checkpointed, the others keep everything;
+        # gradient_checkpointing_keep_attention: each checkpointed block also keeps its attention output
+        checkpointed = math.ceil(model.num_layers / config.gradient_checkpointing_interval)
+        block_inputs = checkpointed * token_bytes
+        kept_attention = block_inputs if config.gradient_checkpointing_keep_attention else 0.0
+        working = (WORKING_TENSORS_PER_TOKEN + (model.num_layers - checkpointed) * SAVED_TENSORS_PER_TOKEN) * token_bytes
     else:
-        block_inputs = 0.0
+        block_inputs = kept_attention = 0.0
         working = model.num_layers * SAVED_TENSORS_PER_TOKEN * token_bytes
     slots = min(2, swapped) * block
     parts = {
@@ -184,6 +190,7 @@ def estimate_training_memory(config: TrainConfig, shape: SequenceShape, model: T
         "LoRA weights + gradients (fp32)": 2 * lora / GiB,
         "optimizer state": 0.0 if config.offload_optimizer_state else moments / GiB,
         "checkpointed block inputs": 0.0 if config.offload_activations else block_inputs / GiB,
+        "kept attention outputs": kept_attention / GiB,  # selective checkpointing keeps them on the card
         "one block's recompute + backward" if config.gradient_checkpointing else "saved activations": working / GiB,
         "other (RoPE tables, workspaces)": OTHER_GIB,
     }

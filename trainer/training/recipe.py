@@ -78,6 +78,21 @@ class TrainResult:
         }
 
 
+@dataclass
+class QueuedStep:
+    """An optimizer step queued on the device: what `_finish_step` reads once it has run."""
+
+    step: int
+    losses: list[torch.Tensor] = field(default_factory=list)  # one per micro-step, on the device
+    grad_norm: torch.Tensor | None = None
+    skip_update: bool = False
+    lr: float = math.nan  # the learning rate after this step's scheduler step, as the log reports it
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return torch.stack(self.losses).mean()
+
+
 class LoraTrainingRecipe:
     """setup -> train -> save -> cleanup, in the manner of torchtune's recipes."""
 
@@ -255,48 +270,83 @@ class LoraTrainingRecipe:
             f"(accumulation {accumulation}, {world} process(es){', sharded by FSDP' if self.sharded else ''}, "
             f"{accelerator.device}, from step {self.start_step})"
         )
+        # Reading a step's loss waits for the device. When nothing before the next step needs it (no EMA, no
+        # skipping of non-finite steps, no validation or checkpoint now), it is read once the next step is
+        # queued, so the card never idles while the host loads the next sample or logs.
+        overlap = self.ema is None and config.max_nonfinite_steps == 0
+        pending = None
         for step in range(self.start_step, self.max_steps):
-            losses, grad_norm, skip_update = [], None, False
-            for micro in range(step * accumulation, (step + 1) * accumulation):
-                index = micro_step_sample(micro, len(self.samples), config.seed, world, rank)
-                generator = micro_step_generator(config.seed, micro, rank)
-                sample = load_sample(self.samples[index][1], self.samples[index][0])
-                sample = conditioning_for_step(sample, config.caption_dropout_probability, generator)
-                sigma = sample_sigma(config.flow_schedule_shift, generator).to(accelerator.device)
-                noise = torch.randn((1, *sample.target.shape), generator=generator).to(accelerator.device)
-                # under FSDP every forward pass needs every rank: whether to roll out is drawn alike on all of them
-                rollout = micro_step_generator(config.seed, micro, SHARED_RANK) if self.sharded else generator
-                x_t = self._scheduled_sampling_input(sample, sigma, noise, rollout)
-                with accelerator.accumulate(self.transformer):
-                    with self.offload:
-                        loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype, x_t)
-                    accelerator.backward(loss)
-                    kill_point("train.mid_step", step + 1)
-                    if accelerator.sync_gradients:
-                        # max_grad_norm 0: clipping at inf scales by exactly 1.0, for the norm the guard reads
-                        grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm or math.inf)
-                        skip_update = self.nonfinite.skip_before_update(grad_norm)
-                    if not skip_update:
-                        self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-            step_loss, norm = self._step_statistics(losses, grad_norm)  # the step's one host sync
-            if self._nonfinite_step(step + 1, step_loss, norm, skip_update, losses):  # raises NonFiniteError to stop
-                self.lr_scheduler.step()
-                reporter.log(f"step {step + 1}: skipped, {self.nonfinite.skipped[-1]['reason']} (samples {self.nonfinite.skipped[-1]['samples']})")
-                continue
-            if self.ema is not None:
-                # EMAModel averages only tensors that require grad (it copies the rest): mark the copies
-                self.ema.step([p.detach().to(self.ema_device).requires_grad_(True) for p in self.params])
+            queued = self.optimizer_step(step)
             self.lr_scheduler.step()
-            self.loss_history.append(step_loss)
-            if on_step is not None:
-                on_step(step + 1, step_loss, self.lr_scheduler.get_last_lr()[0])
-            if config.validation_step_interval and (step + 1) % config.validation_step_interval == 0:
-                self.validate(step + 1, reporter)
-            if (step + 1) % config.checkpointing_steps == 0 and step + 1 < self.max_steps:
-                self.save_checkpoint(step + 1)
-                reporter.log(f"step {step + 1}: checkpoint saved")
+            queued.lr = self.lr_scheduler.get_last_lr()[0]
+            if pending is not None:
+                self._finish_step(pending, reporter, on_step)
+                pending = None
+            if overlap and step + 1 < self.max_steps and not self._host_work_after(step + 1):
+                pending = queued
+            else:
+                self._finish_step(queued, reporter, on_step)
+        if pending is not None:
+            self._finish_step(pending, reporter, on_step)
+
+    def optimizer_step(self, step: int) -> "QueuedStep":
+        """One optimizer step, queued on the device without waiting for it (no host sync on the default path):
+        `gradient_accumulation_steps` micro-steps (load, condition, forward, backward), clipping, the update."""
+        config, accelerator = self.config, self.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        accumulation = config.gradient_accumulation_steps
+        queued = QueuedStep(step)
+        for micro in range(step * accumulation, (step + 1) * accumulation):
+            index = micro_step_sample(micro, len(self.samples), config.seed, world, rank)
+            generator = micro_step_generator(config.seed, micro, rank)
+            sample = load_sample(self.samples[index][1], self.samples[index][0])
+            sample = conditioning_for_step(sample, config.caption_dropout_probability, generator)
+            sigma = sample_sigma(config.flow_schedule_shift, generator).to(accelerator.device)
+            noise = torch.randn((1, *sample.target.shape), generator=generator).to(accelerator.device)
+            # under FSDP every forward pass needs every rank: whether to roll out is drawn alike on all of them
+            rollout = micro_step_generator(config.seed, micro, SHARED_RANK) if self.sharded else generator
+            x_t = self._scheduled_sampling_input(sample, sigma, noise, rollout)
+            with accelerator.accumulate(self.transformer):
+                with self.offload:
+                    loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype, x_t)
+                accelerator.backward(loss)
+                kill_point("train.mid_step", step + 1)
+                if accelerator.sync_gradients:
+                    # max_grad_norm 0: clipping at inf scales by exactly 1.0, for the norm the guard reads
+                    queued.grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm or math.inf)
+                    queued.skip_update = self.nonfinite.skip_before_update(queued.grad_norm)
+                if not queued.skip_update:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            queued.losses.append(loss.detach())
+        return queued
+
+    def _host_work_after(self, step: int) -> bool:
+        """Does the host read the model after this step (validation, a checkpoint)?"""
+        config = self.config
+        return bool(config.validation_step_interval and step % config.validation_step_interval == 0) or (
+            step % config.checkpointing_steps == 0
+        )
+
+    def _finish_step(self, queued: "QueuedStep", reporter: Reporter, on_step) -> None:
+        """Read the step's loss and gradient norm (the step's one host sync), then the guard, EMA, log,
+        validation and checkpoint of that step."""
+        config, step = self.config, queued.step
+        step_loss, norm = self._step_statistics(queued.losses, queued.grad_norm)
+        if self._nonfinite_step(step + 1, step_loss, norm, queued.skip_update, queued.losses):  # raises NonFiniteError to stop
+            reporter.log(f"step {step + 1}: skipped, {self.nonfinite.skipped[-1]['reason']} (samples {self.nonfinite.skipped[-1]['samples']})")
+            return
+        if self.ema is not None:
+            # EMAModel averages only tensors that require grad (it copies the rest): mark the copies
+            self.ema.step([p.detach().to(self.ema_device).requires_grad_(True) for p in self.params])
+        self.loss_history.append(step_loss)
+        if on_step is not None:
+            on_step(step + 1, step_loss, queued.lr)
+        if config.validation_step_interval and (step + 1) % config.validation_step_interval == 0:
+            self.validate(step + 1, reporter)
+        if (step + 1) % config.checkpointing_steps == 0 and step + 1 < self.max_steps:
+            self.save_checkpoint(step + 1)
+            reporter.log(f"step {step + 1}: checkpoint saved")
 
     def _step_statistics(self, losses: list[torch.Tensor], grad_norm: torch.Tensor | None) -> tuple[float, float | None]:
         """The step loss (mean over micro-steps and ranks) and the gradient norm, in one gather and one sync."""

@@ -92,6 +92,8 @@ def test_the_spec_key_lists_cover_the_whole_schema_except_documented_extras():
         *DATASET_DEFAULT_KEYS,  # tests/trainer/test_simpletuner_keys.py
         "offload_activations", "offload_optimizer_state",  # tests/gpu/test_memory.py, below
         "allow_paths_outside_root",  # tests/trainer/test_paths.py
+        "gradient_checkpointing_interval", "gradient_checkpointing_keep_attention", "attention_backend",
+        "compile_transformer_blocks",  # tests/trainer/model/test_speed.py, tests/gpu/test_speed_levers.py
     }  # fmt: skip
     assert set(TrainConfig.model_fields) == set(GUIDE_KEYS) | set(SIMPLETUNER_KEYS) | extras
 
