@@ -48,9 +48,7 @@ class MlflowRun:
     ):
         """`resume_run_id`: the run the resumed checkpoint names; `resuming` without one: the run of the
         process that wrote the checkpoints (mlflow_run.json), killed before its run id reached one."""
-        for key, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-        _quiet_mlflow_loggers()
+        _mlflow_environment()
         self.uri = tracking_uri(project_root)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         location = None
@@ -186,6 +184,7 @@ def sync_unsent(output_dir: Path, uri: str) -> list[tuple[str | None, int]]:
     from trainer.errors import QwenEditError
     from trainer.io import atomic_write_json
 
+    _mlflow_environment()
     path = Path(output_dir) / UNSENT_FILE
     saved = _read_json(path)
     if saved is None or not isinstance(saved.get("runs"), list):
@@ -451,7 +450,11 @@ def _flush_timeout() -> float:
         return FLUSH_TIMEOUT_S
 
 
-def _quiet_mlflow_loggers() -> None:
-    """MLflow logs a full traceback per failed sqlite call; the outbox reports an outage in one line."""
+def _mlflow_environment() -> None:
+    """Short HTTP timeouts unless set; no MLflow URL printing (it would print the tracking URI's
+    credentials: ours are redacted); one line per outage instead of a traceback per failed sqlite call."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
