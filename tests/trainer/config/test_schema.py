@@ -94,6 +94,8 @@ def test_the_spec_key_lists_cover_the_whole_schema_except_documented_extras():
         "allow_paths_outside_root",  # tests/trainer/test_paths.py
         "gradient_checkpointing_interval", "gradient_checkpointing_keep_attention", "attention_backend",
         "compile_transformer_blocks",  # tests/trainer/model/test_speed.py, tests/gpu/test_speed_levers.py
+        "blocks_to_swap",  # tests/trainer/model/test_block_swap.py, tests/gpu/test_block_swap.py
+        "max_nonfinite_steps",  # tests/trainer/training/test_guards.py
     }  # fmt: skip
     assert set(TrainConfig.model_fields) == set(GUIDE_KEYS) | set(SIMPLETUNER_KEYS) | extras
 
