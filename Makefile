@@ -8,11 +8,15 @@ STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 export QWEN_EDIT_ROOT ?= $(CURDIR)
 export TOKENIZERS_PARALLELISM := false
-DAGSTER_PORT ?= 3000
-MLFLOW_PORT ?= 5000
+# exported: the links the trainer and the assets write (MLflow run pages, the Dagster run in an MLflow
+# run's description) point where `make ui` / `make mlflow-ui` serve
+export DAGSTER_PORT ?= 3000
+export MLFLOW_PORT ?= 5000
 # the UIs listen on this machine only; set DAGSTER_HOST / MLFLOW_HOST (e.g. 0.0.0.0) to serve a network on purpose
-DAGSTER_HOST ?= 127.0.0.1
-MLFLOW_HOST ?= 127.0.0.1
+export DAGSTER_HOST ?= 127.0.0.1
+export MLFLOW_HOST ?= 127.0.0.1
+# `make demo`: Dagster's INFO lines (not DEBUG), without its notes on the beta/preview APIs it uses internally
+DEMO_RUN_CONFIG := {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 # `dagster dev` started in the background (`make ui &`, nohup, CI) inherits SIGINT/SIGTERM
 # ignored and then cannot be stopped; reset both before exec so Ctrl-C and kill work everywhere.
@@ -35,7 +39,7 @@ system-packages:
 ## demo: tiny model + demo data, then materialise every asset with Dagster; prints where results are
 demo: setup
 	$(PY) -m trainer.cli demo-setup
-	$(VENV)/bin/dagster asset materialize -m qwen_edit_assets.definitions --select '*'
+	$(PY) scripts/dagster_quiet.py asset materialize -m qwen_edit_assets.definitions --select '*' --config-json '$(DEMO_RUN_CONFIG)'
 	$(PY) -m qwen_edit_assets.demo_summary
 
 ## test: the whole suite (CPU only, tiny model), the integration tests last

@@ -10,7 +10,7 @@ from qwen_edit_assets.assets.caches import text_embeds, vae_latents
 from qwen_edit_assets.assets.comparison import run_comparison
 from qwen_edit_assets.assets.pairing import pairing_manifest_asset
 from qwen_edit_assets.assets.raw_datasets import raw_asset_key, raw_dataset_assets
-from qwen_edit_assets.assets.training import trained_lora
+from qwen_edit_assets.assets.training import trained_lora_asset
 from qwen_edit_assets.assets.validation import validation_report
 from qwen_edit_assets.automation import new_pairs_sensor, retrain_job, retrain_schedule
 from qwen_edit_assets.io_managers import ManifestIOManager
@@ -20,12 +20,16 @@ from qwen_edit_assets.resources import QwenEditProject, project_from_env
 def build_definitions(project: QwenEditProject | None = None) -> dg.Definitions:
     project = project or project_from_env()
     raw = raw_dataset_assets(project)
-    raw_keys = [key for asset in raw for key in asset.keys]
+    raw_keys = [asset.key for asset in raw]
+    retrain = retrain_job(raw_keys)
     return dg.Definitions(
-        assets=[*raw, pairing_manifest_asset(raw_keys), text_embeds, vae_latents, trained_lora, validation_report, run_comparison],
-        jobs=[retrain_job],
-        schedules=[retrain_schedule],
-        sensors=[new_pairs_sensor],
+        assets=[
+            *raw, pairing_manifest_asset(raw_keys), text_embeds, vae_latents, trained_lora_asset(project),
+            validation_report, run_comparison,
+        ],
+        jobs=[retrain],
+        schedules=[retrain_schedule(retrain)],
+        sensors=[new_pairs_sensor(retrain)],
         # io_manager: the manifest handed to downstream assets as JSON, not Dagster's default pickles
         resources={"project": project, "pipes_subprocess_client": dg.PipesSubprocessClient(), "io_manager": ManifestIOManager()},
         # one process per run: a process per step re-imports torch and diffusers each time (~3x slower

@@ -23,7 +23,9 @@ def _project_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="config.json")
     parser.add_argument("--data", type=Path, help="multidatabackend.json (default: the config's data_backend_config)")
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="base of relative paths (default: working directory)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key for this run, e.g. --set learning_rate=5e-5 (repeatable; the value is "
+                        "read as JSON when it parses, else as text; dotted keys reach nested ones: model_kwargs.match_target_res=true)")
 
 
 def _load(args: argparse.Namespace):
@@ -31,6 +33,8 @@ def _load(args: argparse.Namespace):
     from trainer.workflow import example_paths, load_project
 
     overrides = dict(parse_override(o) for o in args.overrides)
+    if getattr(args, "run_name", None):
+        overrides["tracker_run_name"] = args.run_name  # the MLflow run's name, and its folder's
     if args.preset:
         if not args.preset.startswith("example="):
             raise QwenEditError(f"unexpected argument {args.preset!r}; did you mean example={args.preset}?")
@@ -125,30 +129,43 @@ def cmd_cache(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from trainer.data.caches import build_text_cache, build_vae_cache
-    from trainer.evaluation.validation import log_to_mlflow, run_validation
-    from trainer.tracking.store import tracking_uri
-    from trainer.training.recipe import SUMMARY_NAME
-    from trainer.workflow import check_data, run_training_subprocess
+    import json
 
+    from trainer.config.parsing import parse_override
+    from trainer.data.caches import build_text_cache, build_vae_cache
+    from trainer.evaluation.means import means_table
+    from trainer.evaluation.validation import log_to_mlflow, run_validation
+    from trainer.run_folders import default_run_name
+    from trainer.tracking.loss_summary import FINAL_LOSS
+    from trainer.tracking.store import parse_tag, tracking_uri
+    from trainer.training.recipe import SUMMARY_NAME
+    from trainer.workflow import check_data, new_run, run_training_subprocess
+
+    tags = dict(parse_tag(t) for t in args.tags)
     project, overrides = _load(args)
+    asked = dict(parse_override(o) for o in args.overrides)  # the name shows what the user changed, not the preset's GPU settings
+    run = new_run(project, project.config.tracker_run_name or default_run_name(project.config.model_flavour, asked))
+    print(f"run {run.run_name}: {run.output_dir}")
     print("1/4 checking data")
-    manifest, report = check_data(project)
+    manifest, report = check_data(run)  # the manifest goes into the run's folder
     for warning in report.warnings:
         print(f"warning: {warning}")
     print("2/4 caching text embeddings and VAE latents")
-    build_text_cache(manifest, project.dataset_config, project.config)
-    build_vae_cache(manifest, project.dataset_config, project.config)
+    build_text_cache(manifest, run.dataset_config, run.config)
+    build_vae_cache(manifest, run.dataset_config, run.config)
     print("3/4 training")
-    run_training_subprocess(project, overrides)
+    run_training_subprocess(run, overrides, tags)
     print("4/4 validating")
-    import json
-
-    summary = json.loads((project.output_dir / SUMMARY_NAME).read_text())
-    report = run_validation(project.config, manifest, project.lora_dir, project.validation_dir)
+    summary = json.loads((run.output_dir / SUMMARY_NAME).read_text())
+    report = run_validation(run.config, manifest, run.lora_dir, run.validation_dir)
     if summary.get("mlflow_run_id"):
-        log_to_mlflow(report, summary["mlflow_run_id"], tracking_uri(project.root))
-    print(f"LoRA: {summary['lora_path']}\nvalidation report: {report.html_path}\nfinal loss: {summary['final_loss']:.5f}")
+        log_to_mlflow(report, summary["mlflow_run_id"], tracking_uri(run.root), step=summary["steps"])
+    print(f"LoRA: {summary['lora_path']}\nvalidation report: {report.html_path}")
+    print(f"{FINAL_LOSS}: {summary[FINAL_LOSS]:.5f} over {summary['steps']} steps")
+    print("validation means:\n" + "\n".join(f"  {line}" for line in means_table(report.summary)))
+    if summary.get("mlflow_run_url"):
+        print(f"MLflow run: {summary['mlflow_run_url']}")
+    print(f"latest run: {run.runs_dir / 'latest'} -> {run.run_name}")
     return 0
 
 
@@ -172,15 +189,7 @@ def cmd_compare(args) -> int:
     from trainer.tracking.store import tracking_uri
 
     root = Path(args.root).resolve()
-    experiment = args.experiment
-    if experiment is None:
-        if args.config is not None:
-            from trainer.config.parsing import load_train_config
-
-            config_path = args.config if args.config.is_absolute() else root / args.config
-            experiment = load_train_config(config_path).tracker_project_name
-        else:
-            experiment = "qwen-edit"
+    experiment = args.experiment or configured_experiment(args.config, root)
     uri = args.tracking_uri or tracking_uri(root)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     out = args.out if args.out is not None else root / "outputs" / "comparison"
@@ -206,6 +215,19 @@ def cmd_mlflow_sync(args) -> int:
     return 0
 
 
+def configured_experiment(config: Path | None, root: Path) -> str:
+    """tracker_project_name of --config, else of $QWEN_EDIT_CONFIG (the Dagster project's), else its default."""
+    import os
+
+    from trainer.config.parsing import load_train_config
+    from trainer.config.schema import TrainConfig
+
+    path = config or (Path(os.environ["QWEN_EDIT_CONFIG"]) if os.environ.get("QWEN_EDIT_CONFIG") else None)
+    if path is None:
+        return TrainConfig.model_fields["tracker_project_name"].default
+    return load_train_config(path if path.is_absolute() else root / path).tracker_project_name
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-edit", description="LoRA fine-tuning of the Qwen-Image Edit models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         _project_args(sub)
         sub.set_defaults(func=func)
+        if name == "train":
+            sub.add_argument("--run-name", help="the MLflow run's name and its folder under output_dir (default: the flavour "
+                             "and the --set overrides, e.g. edit-v2_learning_rate-5e-05)")
+            sub.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
+                             help="an MLflow tag on the run, e.g. --tag team=vision (repeatable)")
         if name == "check":
             sub.add_argument("--gpu-memory", type=float, metavar="GB",
                              help="the card to train on, as sold (24, 16, 12, ...): is the predicted peak within it?")
@@ -228,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_tiny_model)
     compare = commands.add_parser("compare", help="the latest MLflow runs side by side: differing params, losses, edits")
     compare.add_argument("--last", type=int, default=5, metavar="N", help="compare the N most recent runs (default 5)")
-    compare.add_argument("--experiment", help="MLflow experiment (default: --config's tracker_project_name, else qwen-edit)")
+    compare.add_argument("--experiment", help="MLflow experiment (default: tracker_project_name of --config, else of "
+                         "$QWEN_EDIT_CONFIG, else qwen-edit); a name that does not exist lists the ones that do")
     compare.add_argument("--config", type=Path, help="config.json whose tracker_project_name names the experiment")
     compare.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the store under --root")
     compare.add_argument("--root", type=Path, default=Path.cwd(), help="project folder holding mlruns/ (default: working directory)")

@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--project-root", type=Path, default=Path.cwd(), help="where relative paths and mlruns/ live")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE", help="MLflow run tag")
+    parser.add_argument("--run-name", help="train in output_dir/RUN_NAME (the launcher picks it: trainer.run_folders) "
+                        "and point output_dir/latest at it once trained; without it, in output_dir itself")
     return parser.parse_args(argv)
 
 
@@ -48,8 +50,14 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = dict(parse_override(o) for o in args.overrides)
     project = load_project(args.config, args.data, args.project_root, overrides)
+    if args.run_name:
+        project = project.for_run(args.run_name)
     tags = dict(parse_tag(t) for t in args.tags)
-    run_training(project.config, project.dataset_config, args.manifest, project.root, tags, cache_command(project, args.overrides))
+    result = run_training(project.config, project.dataset_config, args.manifest, project.root, tags, cache_command(project, args.overrides))
+    if result is not None and project.run_name is not None:  # rank 0, trained: the LoRA and summary are written
+        from trainer.run_folders import point_latest
+
+        point_latest(project.runs_dir, project.output_dir)
     return 0
 
 

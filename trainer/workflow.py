@@ -8,7 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -32,10 +32,24 @@ class Project:
     config_path: Path
     data_path: Path
     root: Path  # relative paths, caches and mlruns/ live under it
+    run_name: str | None = None  # set by for_run: output_dir is that run's folder under the configured one
 
     @property
     def output_dir(self) -> Path:
         return self.dataset_config.resolve(self.config.output_dir)
+
+    @property
+    def runs_dir(self) -> Path:
+        """The configured output_dir, which holds the run folders and the `latest` link (trainer.run_folders)."""
+        return self.output_dir.parent if self.run_name is not None else self.output_dir
+
+    def for_run(self, folder: str) -> "Project":
+        """This project writing into `output_dir/<folder>`; the MLflow run is named after the folder unless
+        tracker_run_name names it."""
+        if self.run_name is not None:
+            raise ValueError(f"already the project of run {self.run_name!r}")
+        update = {"output_dir": str(self.output_dir / folder), "tracker_run_name": self.config.tracker_run_name or folder}
+        return replace(self, config=self.config.model_copy(update=update), run_name=folder)
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -107,6 +121,24 @@ def load_manifest(project: Project) -> pd.DataFrame:
     return read_manifest(project.manifest_path)
 
 
+def new_run(project: Project, run_name: str) -> Project:
+    """The project of a new training run: its own folder under output_dir (trainer.run_folders), or the
+    folder of the interrupted run of that name when the config resumes (`resume_from_checkpoint`)."""
+    from trainer.run_folders import choose_run_dir
+
+    folder = choose_run_dir(project.output_dir, run_name, resuming=project.config.resume_from_checkpoint is not None)
+    return project.for_run(folder.name)
+
+
+def keep_manifest(run: Project, manifest_path: Path) -> Path:
+    """A copy of the manifest the run trains on, in its folder: a later data check cannot change it."""
+    import shutil
+
+    from trainer.io import atomic_write_with
+
+    return atomic_write_with(run.manifest_path, lambda tmp: shutil.copyfile(manifest_path, tmp))
+
+
 def training_command(
     project: Project, overrides: dict | None = None, tags: dict | None = None, num_processes: int | None = None
 ) -> list[str]:
@@ -134,6 +166,8 @@ def training_command(
         "--manifest", str(project.manifest_path),
         "--project-root", str(project.root),
     ]
+    if project.run_name is not None:
+        command += ["--run-name", project.run_name]
     for key, value in (overrides or {}).items():
         command += ["--set", f"{key}={value}"]
     for key, value in (tags or {}).items():
@@ -168,8 +202,8 @@ def training_env(project: Project) -> dict[str, str]:
     return env
 
 
-def run_training_subprocess(project: Project, overrides: dict | None = None) -> None:
-    command = training_command(project, overrides)
+def run_training_subprocess(project: Project, overrides: dict | None = None, tags: dict | None = None) -> None:
+    command = training_command(project, overrides, tags)
     print("$", shlex.join(command), flush=True)
     done = subprocess.run(command, env=training_env(project), cwd=project.root)
     if done.returncode != 0:  # the trainer printed its own `error:` line above

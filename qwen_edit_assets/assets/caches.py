@@ -3,6 +3,8 @@
 import dagster as dg
 import pandas as pd
 
+from qwen_edit_assets.launchpad import run_overrides
+from qwen_edit_assets.metadata import readable_size
 from qwen_edit_assets.resources import QwenEditProject
 
 GROUP = "caches"
@@ -23,21 +25,30 @@ def _cache_asset(kind: str, name: str, description: str) -> dg.AssetsDefinition:
         from trainer.data.caches import build_text_cache, build_vae_cache, verify_cache
         from trainer.data.versions import cache_version
 
-        loaded = project.load()
+        base = project.load()
+        overrides = run_overrides(context, base.config)  # e.g. the Launchpad's flavour: the caches the training reads
+        loaded = project.load(overrides) if overrides else base
         build = build_text_cache if kind == "text" else build_vae_cache
         stats = build(pairing_manifest, loaded.dataset_config, loaded.config)
         context.log.info(f"{name}: {stats.encoded} encoded, {stats.reused} reused, {stats.pruned} pruned")
         # from the cache files' own keys: the UI shows downstream staleness exactly when a file changed
         version = cache_version(pairing_manifest, loaded.dataset_config, loaded.config, kind)
-        yield dg.MaterializeResult(metadata=stats.as_metadata(), data_version=dg.DataVersion(version))
+        metadata = {**stats.as_metadata(), "size_mb": readable_size(_folders_size(stats.folders))}
+        yield dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
         problems = verify_cache(pairing_manifest, loaded.dataset_config, loaded.config, kind)
         yield dg.AssetCheckResult(
             check_name=check,
             passed=not problems,
-            metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:50]) or "none")},
+            metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:50]) or "none"), "count": len(problems)},
         )
 
     return cache_asset
+
+
+def _folders_size(folders) -> int:
+    from pathlib import Path
+
+    return sum(p.stat().st_size for folder in folders for p in Path(folder).glob("*.safetensors") if p.is_file())
 
 
 text_embeds = _cache_asset(

@@ -23,6 +23,9 @@ def run_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig, 
     from trainer.tracking.compare import compare_runs, write_comparison_report
     from trainer.tracking.store import tracking_uri
 
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded image, in the run's log
     loaded = project.load()
     out = loaded.output_dir / "comparison"
     uri = tracking_uri(loaded.root)

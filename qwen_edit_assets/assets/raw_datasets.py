@@ -1,11 +1,18 @@
-"""One asset per dataset folder of the data config: what is on disk, with a few thumbnails."""
+"""One observable source asset per dataset folder of the data config: Dagster does not make the folders,
+it watches them. An observation records what is on disk (counts, size, thumbnails) and a data version
+from the folder's files, so once a folder changed every asset built from it shows as stale in the UI.
+
+Observed by the UI's "Observe sources", by `make demo` and the `retrain` job (which include them), and by
+the `new_pairs_sensor`, which reports an observation whenever it sees a folder change.
+"""
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import dagster as dg
 
-from qwen_edit_assets.metadata import thumbnail_markdown
+from qwen_edit_assets.metadata import readable_size, thumbnail_markdown
 from qwen_edit_assets.resources import QwenEditProject
 
 GROUP = "raw_datasets"
@@ -26,37 +33,44 @@ def folder_version(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def raw_dataset_asset(dataset_id: str, dataset_type: str, folder_hint: str) -> dg.AssetsDefinition:
-    @dg.asset(
-        key=raw_asset_key(dataset_id),
-        group_name=GROUP,
-        description=f"The {dataset_type} dataset {dataset_id!r} ({folder_hint}) as it is on disk.",
-        kinds={"files"},
-    )
-    def raw_dataset(context: dg.AssetExecutionContext, project: QwenEditProject) -> dg.MaterializeResult:
-        from trainer.data.images import is_image_file
+def observe_folder(folder: Path) -> dg.ObserveResult:
+    """What the folder holds now, versioned by its files."""
+    from trainer.data.images import is_image_file
 
+    if not folder.is_dir():
+        raise dg.Failure(f"instance_data_dir {folder} does not exist; fix the dataset config or create the folder")
+    files = [p for p in folder.iterdir() if p.is_file()]
+    images = sorted(p for p in files if is_image_file(p))
+    return dg.ObserveResult(
+        data_version=dg.DataVersion(folder_version(folder)),
+        metadata={
+            "folder": dg.MetadataValue.path(str(folder)),
+            "images": len(images),
+            "captions": sum(1 for p in files if p.suffix == ".txt"),
+            "size_mb": readable_size(sum(p.stat().st_size for p in files)),
+            "samples": dg.MetadataValue.md(thumbnail_markdown(images[:6]) or "(no images)"),
+        },
+    )
+
+
+def raw_dataset_asset(dataset_id: str, dataset_type: str, folder_hint: str) -> dg.SourceAsset:
+    def raw_dataset(context, project: QwenEditProject) -> dg.ObserveResult:
         loaded = project.load()
         entry = loaded.dataset_config.by_id(dataset_id)
-        folder = loaded.dataset_config.resolve(entry.instance_data_dir)
-        if not folder.is_dir():
-            raise dg.Failure(f"dataset {dataset_id!r}: instance_data_dir {folder} does not exist")
-        images = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
-        captions = sorted(folder.glob("*.txt"))
-        return dg.MaterializeResult(
-            metadata={
-                "folder": dg.MetadataValue.path(str(folder)),
-                "images": len(images),
-                "captions": len(captions),
-                "samples": dg.MetadataValue.md(thumbnail_markdown(images[:6]) or "(no images)"),
-            },
-            data_version=dg.DataVersion(folder_version(folder)),
-        )
+        return observe_folder(loaded.dataset_config.resolve(entry.instance_data_dir))
 
-    return raw_dataset
+    with warnings.catch_warnings():  # observable source assets are beta in Dagster 1.13: chosen knowingly, said once here
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.observable_source_asset(
+            key=raw_asset_key(dataset_id),
+            group_name=GROUP,
+            description=f"The {dataset_type} dataset {dataset_id!r} ({folder_hint}) as it is on disk; its data version "
+            "changes with any file added, removed or rewritten.",
+            tags={"dagster/kind/files": ""},
+        )(raw_dataset)
 
 
-def raw_dataset_assets(project: QwenEditProject) -> list[dg.AssetsDefinition]:
+def raw_dataset_assets(project: QwenEditProject) -> list[dg.SourceAsset]:
     loaded = project.load()
     return [
         raw_dataset_asset(entry.id, entry.dataset_type, entry.instance_data_dir)

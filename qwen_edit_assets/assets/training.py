@@ -4,63 +4,84 @@ import json
 
 import dagster as dg
 
-from qwen_edit_assets.metadata import image_markdown
+from qwen_edit_assets.launchpad import override_tags, training_overrides_class
+from qwen_edit_assets.metadata import image_markdown, readable
 from qwen_edit_assets.resources import QwenEditProject
 
 GROUP = "training"
 
 
-class TrainingOverrides(dg.Config):
-    """Launchpad overrides of the training config; unset fields keep the config's values."""
+def trained_lora_asset(project: QwenEditProject) -> dg.AssetsDefinition:
+    """The asset, with the Launchpad fields of this project's config (qwen_edit_assets.launchpad)."""
+    overrides_class = training_overrides_class(project.load().config)
 
-    max_train_steps: int | None = None
-    learning_rate: float | None = None
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    base_model_precision: str | None = None
-    seed: int | None = None
+    @dg.asset(
+        name="trained_lora",
+        group_name=GROUP,
+        pool="gpu",
+        deps=["text_embeds", "vae_latents", "pairing_manifest"],
+        kinds={"pytorch", "accelerate", "mlflow"},
+        description="A LoRA trained by `accelerate launch -m trainer.train` (a subprocess under Dagster Pipes), "
+        "saved in diffusers format with its adapter metadata in its own run folder under output_dir "
+        "(output_dir/latest points at the newest); the run is logged to MLflow.",
+        check_specs=[
+            dg.AssetCheckSpec(
+                "loss_decreased", asset="trained_lora", blocking=False,
+                description="The LoRA's held-out loss is below the base model's on the same fixed σ and noise",
+            )
+        ],
+    )
+    def trained_lora(
+        context: dg.AssetExecutionContext,
+        config: overrides_class,
+        project: QwenEditProject,
+        pipes_subprocess_client: dg.PipesSubprocessClient,
+    ):
+        from trainer.run_folders import default_run_name
+        from trainer.training.recipe import SUMMARY_NAME
+        from trainer.workflow import keep_manifest, new_run, training_command, training_env
 
-    def as_overrides(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        overrides = config.as_overrides()
+        loaded = project.load(overrides)
+        dagster_run = context.run.run_id
+        # a re-execution (from failure) continues in its original run's folder: `resume_from_checkpoint: latest`
+        # then finds that run's checkpoints
+        root_run = context.run.tags.get("dagster/root_run_id") or dagster_run
+        run = new_run(loaded, loaded.config.tracker_run_name or default_run_name(loaded.config.model_flavour, overrides, root_run))
+        keep_manifest(run, loaded.manifest_path)
+        context.instance.add_run_tags(dagster_run, override_tags(loaded.config.model_flavour, overrides))
+        tags = {
+            "dagster_run_id": dagster_run,
+            "dagster_run_url": dagster_run_url(dagster_run),
+            "flavour": loaded.config.model_flavour,
+            **({"overrides": ", ".join(f"{k}={v}" for k, v in overrides.items())} if overrides else {}),
+        }
+        command = training_command(run, overrides, tags)
+        context.log.info(f"run {run.run_name} in {run.output_dir}; launching: " + " ".join(command))
+        invocation = pipes_subprocess_client.run(command=command, context=context, env=training_env(run), cwd=str(run.root))
+        result = invocation.get_materialize_result()
+        summary = json.loads((run.output_dir / SUMMARY_NAME).read_text())
+        metadata = readable(dict(result.metadata or {}))
+        metadata["run_name"] = dg.MetadataValue.text(run.run_name)
+        metadata["run_dir"] = dg.MetadataValue.path(str(run.output_dir))
+        metadata["loss_curve_image"] = image_markdown(run.output_dir / "loss_curve.png", "training loss")
+        if summary.get("mlflow_run_url"):
+            metadata["mlflow_run_url"] = dg.MetadataValue.url(summary["mlflow_run_url"])
+        yield dg.MaterializeResult(metadata=metadata)
+        yield loss_decreased(summary)
+
+    return trained_lora
 
 
-@dg.asset(
-    group_name=GROUP,
-    pool="gpu",
-    deps=["text_embeds", "vae_latents", "pairing_manifest"],
-    kinds={"pytorch", "accelerate", "mlflow"},
-    description="A LoRA trained by `accelerate launch -m trainer.train` (a subprocess under Dagster Pipes), "
-    "saved in diffusers format with its adapter metadata; the run is logged to MLflow.",
-    check_specs=[
-        dg.AssetCheckSpec(
-            "loss_decreased", asset="trained_lora", blocking=False,
-            description="The LoRA's held-out loss is below the base model's on the same fixed σ and noise",
-        )
-    ],
-)
-def trained_lora(
-    context: dg.AssetExecutionContext,
-    config: TrainingOverrides,
-    project: QwenEditProject,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
-):
-    from trainer.training.recipe import SUMMARY_NAME
-    from trainer.workflow import training_command, training_env
+def dagster_run_url(run_id: str) -> str:
+    """The run's page in the Dagster UI: DAGSTER_UI_URL, else `make ui`'s address (DAGSTER_HOST, DAGSTER_PORT)."""
+    import os
 
-    overrides = config.as_overrides()
-    loaded = project.load(overrides)
-    tags = {"dagster_run_id": context.run_id, "flavour": loaded.config.model_flavour}
-    command = training_command(loaded, overrides, tags)
-    context.log.info("launching: " + " ".join(command))
-    invocation = pipes_subprocess_client.run(command=command, context=context, env=training_env(loaded), cwd=str(loaded.root))
-    result = invocation.get_materialize_result()
-    summary = json.loads((loaded.output_dir / SUMMARY_NAME).read_text())
-    metadata = dict(result.metadata or {})
-    metadata["loss_curve_image"] = image_markdown(loaded.output_dir / "loss_curve.png", "training loss")
-    if summary.get("mlflow_run_url"):
-        metadata["mlflow_run_url"] = dg.MetadataValue.url(summary["mlflow_run_url"])
-    yield dg.MaterializeResult(metadata=metadata)
-    yield loss_decreased(summary)
+    base = os.environ.get("DAGSTER_UI_URL")
+    if not base:
+        host = os.environ.get("DAGSTER_HOST") or "127.0.0.1"
+        base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{os.environ.get('DAGSTER_PORT') or '3000'}"
+    return f"{base.rstrip('/')}/runs/{run_id}"
 
 
 def loss_decreased(summary: dict) -> dg.AssetCheckResult:

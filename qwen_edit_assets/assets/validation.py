@@ -5,10 +5,12 @@ import json
 import dagster as dg
 import pandas as pd
 
-from qwen_edit_assets.metadata import image_markdown
+from qwen_edit_assets.launchpad import run_overrides
+from qwen_edit_assets.metadata import image_markdown, rounded, validation_grid_markdown
 from qwen_edit_assets.resources import QwenEditProject
 
 GROUP = "training"
+TRAINED_LORA = dg.AssetKey("trained_lora")
 
 
 @dg.asset(
@@ -18,29 +20,48 @@ GROUP = "training"
     kinds={"pytorch", "html", "mlflow"},
     description="Generated edits for the eval split (true CFG at validation_guidance), reference | base | "
     "LoRA | target per row, scored base vs LoRA (PSNR, SSIM, edit success, preservation, pixel shift, "
-    "latent distance); an HTML report, also logged to MLflow.",
+    "latent distance); a self-contained HTML report in the LoRA's run folder, also logged to MLflow.",
 )
 def validation_report(context: dg.AssetExecutionContext, project: QwenEditProject, pairing_manifest: pd.DataFrame) -> dg.MaterializeResult:
     from trainer.evaluation.validation import log_to_mlflow, run_validation
     from trainer.tracking.store import tracking_uri
     from trainer.training.recipe import SUMMARY_NAME
 
-    loaded = project.load()
-    summary = json.loads((loaded.output_dir / SUMMARY_NAME).read_text())
-    report = run_validation(loaded.config, pairing_manifest, loaded.lora_dir, loaded.validation_dir)
+    base = project.load()
+    run = project.load(run_overrides(context, base.config)).for_run(trained_run_name(context))
+    summary = json.loads((run.output_dir / SUMMARY_NAME).read_text())
+    report = run_validation(run.config, pairing_manifest, run.lora_dir, run.validation_dir)
     if summary.get("mlflow_run_id"):
-        log_to_mlflow(report, summary["mlflow_run_id"], tracking_uri(loaded.root))
+        # at the last training step: MLflow draws the final metrics and images after the live validations'
+        log_to_mlflow(report, summary["mlflow_run_id"], tracking_uri(run.root), step=summary["steps"])
     metadata = {
         "report": dg.MetadataValue.path(str(report.html_path)),
+        "run_name": dg.MetadataValue.text(run.run_name),
         "pairs": sum(1 for row in report.rows if row.target),  # the validation_prompt row has no target
         "source_split": report.source_split,
+        "edits": dg.MetadataValue.md(validation_grid_markdown(report.rows)),
         "grid": image_markdown(report.grid_path, "reference(s) | base | LoRA | target"),
         "pair_metrics": dg.MetadataValue.md(pair_metrics_markdown(report.rows)),
-        **{key: dg.MetadataValue.float(value) for key, value in report.summary.items()},
+        **{key: dg.MetadataValue.float(rounded(value)) for key, value in report.summary.items()},
     }
     if summary.get("mlflow_run_url"):
         metadata["mlflow_run_url"] = dg.MetadataValue.url(summary["mlflow_run_url"])
     return dg.MaterializeResult(metadata=metadata)
+
+
+def trained_run_name(context: dg.AssetExecutionContext) -> str:
+    """The run folder of the LoRA to validate: trained_lora's of this Dagster run, else (a re-execution that
+    did not train again, or validation_report alone) its latest materialisation's."""
+    records = context.instance.get_records_for_run(context.run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    for record in reversed(records):
+        materialization = record.event_log_entry.asset_materialization
+        if materialization is not None and materialization.asset_key == TRAINED_LORA and "run_name" in materialization.metadata:
+            return materialization.metadata["run_name"].value
+    latest = context.instance.get_latest_materialization_event(TRAINED_LORA)
+    materialization = latest.asset_materialization if latest else None
+    if materialization is None or "run_name" not in materialization.metadata:
+        raise dg.Failure("trained_lora has no materialisation with a run folder yet: materialise trained_lora first")
+    return materialization.metadata["run_name"].value
 
 
 def pair_metrics_markdown(rows) -> str:

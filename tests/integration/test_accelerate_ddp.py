@@ -12,7 +12,7 @@ N_TRAIN, STEPS = 8, 4  # one epoch over two processes: each draws half the sampl
 
 
 def test_two_ranks_train_and_rank_0_alone_reports(demo_root, tmp_path, monkeypatch):
-    from qwen_edit_assets.assets.training import trained_lora
+    from qwen_edit_assets.assets.training import trained_lora_asset
     from qwen_edit_assets.resources import QwenEditProject
 
     project = prepare_small_project(tmp_path, demo_root, n_train=N_TRAIN, max_train_steps=0, num_train_epochs=1)
@@ -25,7 +25,7 @@ def test_two_ranks_train_and_rank_0_alone_reports(demo_root, tmp_path, monkeypat
     resource = QwenEditProject(root=str(tmp_path), config_path=str(project.config_path), data_path=str(project.data_path))
     with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
-            [trained_lora], instance=instance, raise_on_error=False,
+            [trained_lora_asset(resource)], instance=instance, raise_on_error=False,
             resources={"project": resource, "pipes_subprocess_client": dg.PipesSubprocessClient()},
         )
         messages = [e.user_message for e in instance.all_logs(result.run_id)]
@@ -35,4 +35,4 @@ def test_two_ranks_train_and_rank_0_alone_reports(demo_root, tmp_path, monkeypat
     assert materialization.metadata["steps"].value == STEPS
     started = [m for m in messages if "process(es)" in m]
     assert len(started) == 1 and "2 process(es)" in started[0], started  # rank 1 kept quiet
-    assert (tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "out" / "latest" / "lora" / "pytorch_lora_weights.safetensors").is_file()  # in the run's folder

@@ -46,14 +46,15 @@ def train_with_ddp(project, output_dir: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def materialise_trained_lora(project):
-    from qwen_edit_assets.assets.training import trained_lora
+def materialise_trained_lora(project, run_name: str):
+    from qwen_edit_assets.assets.training import trained_lora_asset
     from qwen_edit_assets.resources import QwenEditProject
 
     resource = QwenEditProject(root=str(project.root), config_path=str(project.config_path), data_path=str(project.data_path))
     with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
-            [trained_lora], instance=instance, raise_on_error=False,
+            [trained_lora_asset(resource)], instance=instance, raise_on_error=False,
+            run_config={"ops": {"trained_lora": {"config": {"tracker_run_name": run_name}}}},
             resources={"project": resource, "pipes_subprocess_client": dg.PipesSubprocessClient()},
         )
         return result, [e.user_message for e in instance.all_logs(result.run_id)]
@@ -72,11 +73,13 @@ def test_fsdp_resumes_a_ddp_checkpoint_and_ends_where_ddp_does(demo_root, tmp_pa
     ddp = tmp_path / "ddp-out"
     train_with_ddp(project, ddp)
     checkpoint = f"checkpoint-{RESUMED_AT}"
+    # the folder of an interrupted run named "fsdp": the run of that name resumes it (resume_from_checkpoint: latest)
+    project = project.for_run("fsdp")
     shutil.copytree(ddp / "checkpoints" / checkpoint, project.output_dir / "checkpoints" / checkpoint)
 
     monkeypatch.setenv(ACCELERATE_CONFIG_ENV, str(on_this_cpu("fsdp", tmp_path)))
     monkeypatch.setenv("PYTHONPATH", str(FSDP_ON_CPU))
-    result, messages = materialise_trained_lora(project)
+    result, messages = materialise_trained_lora(project, "fsdp")
 
     failures = [e.event_specific_data.error.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert result.success, failures

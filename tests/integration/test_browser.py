@@ -1,4 +1,6 @@
-"""The Dagster UI in headless Chromium: the asset graph and trained_lora's page (with its MLflow link) render.
+"""The UIs in headless Chromium, as a user sees them: Dagster's asset graph, trained_lora's page (with its
+MLflow link), the validation edits with their headers and instructions, pairing_manifest's checks; MLflow's
+experiment (opening on its runs) and run page (name, description linking the Dagster run, dataset).
 
 Screenshots are kept under test-artifacts/integration/.
 """
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.servers import free_port
+from tests.integration.servers import MlflowServer, free_port
 from tests.integration.webdriver import Browser
 
 pytestmark = pytest.mark.integration
@@ -70,3 +72,63 @@ def test_trained_lora_page_shows_its_metadata_and_mlflow_link(dagster_ui, traine
     browser.script("const a = Array.from(document.querySelectorAll('a[href]')).find(a => a.href === arguments[0]);"
                    "(a.closest('tr') || a).scrollIntoView({block: 'center'});", url)  # the MLflow row in the screenshot
     browser.screenshot(artifacts_dir / "trained_lora.png")
+
+
+def _images(browser) -> list[str]:
+    return browser.script("return Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).map(i => i.src);")
+
+
+def test_validation_report_page_shows_the_edits_with_headers_and_instructions(dagster_ui, materialised, browser, artifacts_dir):
+    eval_captions = sorted(p.read_text().strip() for p in (dagster_ui.root / "demo" / "data" / "eval" / "edited").glob("*.txt"))
+    browser.get(f"{dagster_ui.ui.url}/assets/validation_report")
+    browser.wait_for(lambda b: "instruction" in b.text() and "reference 1" in b.text(), "the edits table's header row")
+    text = browser.text()
+    for header in ("pair", "instruction", "reference 1", "base", "LoRA", "target"):
+        assert header in text, header
+    for caption in eval_captions:  # each row says what edit it shows
+        assert caption in text, caption
+    rendered = browser.wait_for(lambda b: [src for src in _images(b) if src.startswith("data:image/png")], "the edits' images")
+    assert len(rendered) >= len(eval_captions) * 4  # reference(s), base, LoRA, target per row, all decoded
+    browser.script("const h = Array.from(document.querySelectorAll('th')).find(e => e.innerText.trim() === 'instruction');"
+                   "if (h) h.scrollIntoView({block: 'start'});")
+    browser.screenshot(artifacts_dir / "validation_report.png")
+
+
+def test_pairing_manifest_checks_tab_describes_both_checks(dagster_ui, materialised, browser, artifacts_dir):
+    browser.get(f"{dagster_ui.ui.url}/assets/pairing_manifest?view=checks")
+    browser.wait_for(lambda b: "pairs_complete" in b.text() and "no_orphan_references" in b.text(), "the two checks")
+    text = browser.text()
+    assert "Blocking" in text or "blocking" in text
+    assert "same-named file in each conditioning dataset" in text and "reference image has a target of the same name" in text
+    assert "Execution failed" not in text
+    browser.screenshot(artifacts_dir / "pairing_manifest_checks.png")
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(dagster_ui, tmp_path_factory):
+    """An MLflow UI over the store the Dagster session's runs logged to."""
+    server = MlflowServer(dagster_ui.mlflow_uri, tmp_path_factory.mktemp("mlflow-ui"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_says_what_it_is(
+    dagster_ui, materialised, trained_lora_metadata, mlflow_ui, browser, artifacts_dir
+):
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(dagster_ui.mlflow_uri).get_run(trained_lora_metadata["mlflow_run_id"])
+    experiment = run.info.experiment_id
+    browser.get(f"{mlflow_ui.url}/#/experiments/{experiment}")
+    browser.wait_for(lambda b: run.info.run_name in b.text(), f"the run {run.info.run_name} listed (the runs view, not traces)", 90)
+    browser.screenshot(artifacts_dir / "mlflow_experiment.png")
+
+    browser.get(f"{mlflow_ui.url}/#/experiments/{experiment}/runs/{run.info.run_id}")
+    browser.wait_for(lambda b: "Trained by Dagster run" in b.text(), "the run's description", 90)
+    dagster_run = f"{dagster_ui.ui.url}/runs/{materialised['runId']}"
+    assert dagster_run in _anchor_hrefs(browser)
+    text = browser.text()
+    assert run.info.run_name in text and "pairing_manifest" in text  # its name; its dataset input
+    browser.screenshot(artifacts_dir / "mlflow_run.png")

@@ -50,7 +50,7 @@ def test_no_secret_from_the_environment_reaches_any_store_log_or_metadata(demo_r
         result = defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance, raise_on_error=False)
         events = instance.all_logs(result.run_id)
     assert result.success, [e.message for e in events if e.is_dagster_event and e.dagster_event.is_failure]
-    assert (tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "out" / "latest" / "lora" / "pytorch_lora_weights.safetensors").is_file()  # the run's own folder
     logged = {p.name for p in (tmp_path / "mlruns" / "artifacts").rglob("*") if p.is_file()}
     assert {"pytorch_lora_weights.safetensors", "report.html"} <= logged  # what the grep below covers
 

@@ -266,7 +266,11 @@ class TrainConfig(BaseModel):
     )
 
     # outputs, checkpoints
-    output_dir: str = Field("output/models", description="LoRA, checkpoints, manifest, validation report")
+    output_dir: str = Field(
+        "output/models",
+        description="one folder per run (`<run name>/`: LoRA, checkpoints, manifest, validation report) and `latest`, "
+        "a link to the run that finished training last",
+    )
     allow_paths_outside_root: bool = Field(
         False,
         description=(

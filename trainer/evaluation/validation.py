@@ -12,7 +12,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from html import escape
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from trainer.config.schema import TrainConfig
 from trainer.data.images import load_rgb
 from trainer.data.pairing import reference_paths
+from trainer.evaluation.embedded_images import image_data_uri
 from trainer.evaluation.metrics import HIGHER_IS_BETTER, edit_metrics
 from trainer.evaluation.residency import TakingTurns
 from trainer.evaluation.sampling import EditConditioning, generate_latents
@@ -319,8 +319,8 @@ def write_html(rows: list[ValidationRow], path: Path, config: TrainConfig, split
     """Every caption, name and path is escaped: they come from the dataset, and the report is opened in
     browsers (MLflow's artifact view, Dagster, disk)."""
 
-    def img(p: str) -> str:  # a URL (percent-encoded) inside an attribute (escaped)
-        return f'<img src="{escape(quote(Path(p).relative_to(path.parent).as_posix()))}" width="160">' if p else ""
+    def img(p: str) -> str:  # embedded (self-contained in MLflow, Dagster, a browser); the file named in alt (escaped)
+        return f'<img src="{image_data_uri(p)}" alt="{escape(Path(p).relative_to(path.parent).as_posix())}" width="160">' if p else ""
 
     head = (
         f"<h1>qwen-edit validation: {escape(config.model_flavour)}</h1>"
@@ -342,11 +342,25 @@ def write_html(rows: list[ValidationRow], path: Path, config: TrainConfig, split
 
 
 @outage_tolerant("the validation report")
-def log_to_mlflow(report: ValidationReport, run_id: str, tracking_uri: str) -> None:
-    """Attach the report, the grid and the mean metrics to the training run."""
-    import mlflow
+def log_to_mlflow(report: ValidationReport, run_id: str, tracking_uri: str, step: int = 0) -> None:
+    """Attach the report and the mean metrics to the training run at `step` (its last training step: the
+    metrics continue the live validations' curves), and each pair's edits as an MLflow image at that step."""
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"validation_{k}": v for k, v in report.summary.items()})
-        mlflow.log_artifacts(str(report.html_path.parent), artifact_path="validation")
+    from trainer.tracking.validation_images import pair_strips
+
+    client = MlflowClient(tracking_uri)
+    strips = pair_strips(report)
+    client.log_batch(run_id, metrics=[_metric(f"validation_{k}", v, step) for k, v in report.summary.items()])
+    client.log_artifacts(run_id, str(report.html_path.parent), artifact_path="validation")
+    for key, strip in strips.items():
+        with Image.open(strip) as image:
+            client.log_image(run_id, image.convert("RGB"), key=key, step=step, synchronous=True)
+
+
+def _metric(key: str, value: float, step: int):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), step)

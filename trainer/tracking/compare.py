@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from trainer.errors import QwenEditError
+from trainer.tracking.loss_summary import FINAL_LOSS, final_loss
 from trainer.tracking.store import compare_url, redact_url
 
 LOSS = "train_loss"
@@ -44,7 +45,7 @@ class Comparison:
     experiment_id: str
     runs: list[RunRow]  # oldest first
     differing_params: dict[str, list[str | None]]  # param -> its value in each run (None: not logged)
-    metrics: dict[str, list[float | None]]  # train_loss_final, train_loss_best, validation_* (latest value)
+    metrics: dict[str, list[float | None]]  # final_loss_mean_last_10pct, train_loss_best, validation_* (latest value)
     images: dict[str, list[Path | None]]  # eval pair -> each run's LoRA edit, downloaded
     targets: dict[str, Path]  # eval pair -> its target image
     compare_url: str
@@ -92,7 +93,11 @@ def compare_runs(tracking_uri: str, experiment_name: str, last_n: int = 5, out_d
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        raise QwenEditError(f"no MLflow experiment {experiment_name!r} at {redact_url(tracking_uri)}")
+        names = sorted(e.name for e in client.search_experiments())
+        there = f"the experiments there: {', '.join(names)}" if names else "it has no experiments yet (train a run first)"
+        raise QwenEditError(
+            f"no MLflow experiment {experiment_name!r} at {redact_url(tracking_uri)}; {there}. Pick one with --experiment NAME"
+        )
     found = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=last_n)
     if not found:
         raise QwenEditError(f"the MLflow experiment {experiment_name!r} at {redact_url(tracking_uri)} has no runs")
@@ -145,16 +150,25 @@ def _latest(history) -> float | None:
 
 def _metrics(client, found) -> dict[str, list[float | None]]:
     validation = sorted({k for r in found for k in r.data.metrics if k.startswith(VALIDATION_PREFIX)})
-    metrics: dict[str, list[float | None]] = {f"{LOSS}_final": [], f"{LOSS}_best": []}
+    metrics: dict[str, list[float | None]] = {FINAL_LOSS: [], f"{LOSS}_best": []}
     metrics.update({key: [] for key in validation})
     for run in found:
         losses = client.get_metric_history(run.info.run_id, LOSS) if LOSS in run.data.metrics else []
-        metrics[f"{LOSS}_final"].append(max(losses, key=lambda m: (m.step, m.timestamp)).value if losses else None)
+        metrics[FINAL_LOSS].append(_final_loss(run, losses))
         metrics[f"{LOSS}_best"].append(min(m.value for m in losses) if losses else None)
         for key in validation:
             history = client.get_metric_history(run.info.run_id, key) if key in run.data.metrics else []
             metrics[key].append(_latest(history))
     return metrics
+
+
+def _final_loss(run, losses) -> float | None:
+    """The run's own FINAL_LOSS metric; for a run logged before it existed, the same mean from its history
+    (one value per step: the last logged, as a resumed run may have logged a step twice)."""
+    if FINAL_LOSS in run.data.metrics:
+        return run.data.metrics[FINAL_LOSS]
+    by_step = {m.step: m.value for m in sorted(losses, key=lambda m: (m.step, m.timestamp))}
+    return final_loss([by_step[step] for step in sorted(by_step)]) if by_step else None
 
 
 def _download_images(client, runs: list[RunRow], image_dir: Path) -> tuple[dict[str, list[Path | None]], dict[str, Path]]:

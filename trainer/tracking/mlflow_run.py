@@ -21,10 +21,15 @@ import os
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from trainer.config.schema import TrainConfig
-from trainer.tracking.store import redact_url, run_tags, run_url, tracking_uri
+from trainer.tracking.loss_summary import FINAL_LOSS
+from trainer.tracking.store import (
+    EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, mark_training_experiment, redact_url, run_tags, run_url, tracking_uri,
+    with_description,
+)
 
 RUN_FILE = "mlflow_run.json"
 UNSENT_FILE = "mlflow_unsent.json"
@@ -69,10 +74,13 @@ class MlflowRun:
             "experiment": config.tracker_project_name,
             "artifact_location": location,
             "run_name": config.tracker_run_name,
-            "tags": {**run_tags(config.model_flavour, project_root, manifest_path), **tags},  # command-line tags win
+            # command-line tags win; the description links the Dagster run that launched this one
+            "tags": with_description({**run_tags(config.model_flavour, project_root, manifest_path), **tags}),
             "params": {k: str(v)[:500] for k, v in params.items()},
             "resume_run_id": resume_run_id,
         })
+        if manifest_path is not None:
+            self.outbox.put({"op": "input", "path": str(manifest_path)})  # the run's dataset, in MLflow's Datasets
         self.outbox.start()
         # so the first checkpoint already names the run; a store that fails is not waited for
         self.outbox.wait_until_sent(START_TIMEOUT_S)
@@ -89,7 +97,8 @@ class MlflowRun:
         return run_url(self.uri, self.writer.experiment_id, self.writer.run_id)
 
     def log_step(self, step: int, loss: float, lr: float) -> None:
-        self.log_metrics({"train_loss": loss, "learning_rate": lr}, step)
+        # `lr`, not `learning_rate`: that name is the config's param (MLflow shows params and metrics side by side)
+        self.log_metrics({"train_loss": loss, "lr": lr}, step)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.outbox.put({"op": "metrics", "step": step, "time_ms": int(time.time() * 1000), "metrics": dict(metrics)})
@@ -98,12 +107,18 @@ class MlflowRun:
         self.outbox.put({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def log_validation(self, step: int, report) -> None:
+        """Metrics and images at `step` (MLflow's charts and image slider over the steps), the report as artifacts."""
+        from trainer.tracking.validation_images import pair_strips
+
+        strips = pair_strips(report)  # written before the folder is queued for upload
         self.log_metrics({f"validation_{k}": v for k, v in report.summary.items()}, step)
         self.log_artifact(report.html_path.parent, f"validation/step-{step}")
+        for key, strip in strips.items():
+            self.outbox.put({"op": "image", "path": str(strip), "key": key, "step": step})
 
     def finish(self, result, curve: Path) -> str | None:
         """`result` is the recipe's TrainResult. Returns a message when something could not be logged."""
-        self.log_metrics({"final_loss": result.final_loss, "train_seconds": result.seconds})
+        self.log_metrics({FINAL_LOSS: result.final_loss, "train_seconds": result.seconds})
         self.log_artifact(result.lora_path, "lora")
         self.log_artifact(curve, "plots")
         return self.end("FINISHED")
@@ -238,6 +253,13 @@ class _Writer:
                 self.client.log_artifacts(self.run_id, str(path), artifact_path=batch[0]["artifact_path"])
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path=batch[0]["artifact_path"])
+        elif kind == "image":
+            from PIL import Image
+
+            with Image.open(batch[0]["path"]) as image:
+                self.client.log_image(self.run_id, image.convert("RGB"), key=batch[0]["key"], step=batch[0]["step"], synchronous=True)
+        elif kind == "input":
+            self._log_manifest_input(Path(batch[0]["path"]))
         elif kind == "end":
             if self.monitor is not None:
                 self.monitor.finish()
@@ -267,11 +289,14 @@ class _Writer:
             if location is None and self.uri.startswith("sqlite:///"):  # MLflow's default is ./mlruns of the working dir
                 location = (Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
             try:
-                self.experiment_id = self.client.create_experiment(op["experiment"], artifact_location=location)
+                self.experiment_id = self.client.create_experiment(
+                    op["experiment"], artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
             except MlflowException:  # another process created it meanwhile
                 self.experiment_id = self.client.get_experiment_by_name(op["experiment"]).experiment_id
         else:
             self.experiment_id = experiment.experiment_id
+            mark_training_experiment(self.client, experiment)
         params, resumed = dict(op["params"]), False
         if op.get("resume_run_id") or self.run_id:
             try:
@@ -301,6 +326,21 @@ class _Writer:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         self._start_system_metrics(resumed)
+
+    def _log_manifest_input(self, path: Path) -> None:
+        """The pairing manifest as the run's training dataset (name, digest = manifest_version, schema, rows)."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        from trainer.data.pairing import read_manifest
+        from trainer.data.versions import manifest_version
+
+        with warnings.catch_warnings():  # MLflow's hints on guessing the source's kind and on int columns: not ours
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(read_manifest(path), source=str(path), name="pairing_manifest", digest=manifest_version(path))
+            entity = dataset._to_mlflow_entity()
+        context = InputTag(key="mlflow.data.context", value="training")
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=entity, tags=[context])])
 
     def _start_system_metrics(self, resumed: bool) -> None:
         try:

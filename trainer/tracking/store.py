@@ -13,7 +13,11 @@ from trainer.data.versions import manifest_version
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 _SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "token", "secret", "key", "signature", "credential")
-DEFAULT_UI = "http://127.0.0.1:5000"
+UI_URL_ENV = "QWEN_EDIT_MLFLOW_UI_URL"  # where people open the MLflow UI, when neither of the two below says it
+UI_HOST_ENV, UI_PORT_ENV = "MLFLOW_HOST", "MLFLOW_PORT"  # `make mlflow-ui`'s address (the Makefile exports both)
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces); ours hold training runs
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description on its MLflow page (markdown)
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,7 +41,14 @@ def ensure_experiment(name: str, uri: str, root: Path) -> str:
     if uri.startswith("sqlite:"):
         (Path(root) / "mlruns").mkdir(parents=True, exist_ok=True)
         location = (Path(root) / "mlruns" / "artifacts").resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def mark_training_experiment(client, experiment) -> None:
+    """An experiment created before the kind tag existed (or by hand) opens on its runs too; a kind set by
+    someone else is kept."""
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def redact_url(url: str) -> str:
@@ -64,23 +75,37 @@ def _is_secret(key: str) -> bool:
     return any(word in key.lower() for word in _SECRET_QUERY_KEYS)
 
 
-def ui_base(uri: str, ui: str = DEFAULT_UI) -> str:
-    """The MLflow UI serving `uri`: the tracking server itself, else `make mlflow-ui`'s address (no credentials)."""
-    return redact_url(uri if uri.startswith("http") else ui).rstrip("/")
+def mlflow_ui_url(uri: str | None = None) -> str:
+    """The one base URL of every MLflow link: a tracking server is its own UI; the embedded store's UI
+    is `make mlflow-ui`'s address (MLFLOW_HOST, MLFLOW_PORT); QWEN_EDIT_MLFLOW_UI_URL wins over both
+    (a proxy, another host name). Never with credentials."""
+    explicit = os.environ.get(UI_URL_ENV)
+    if explicit:
+        return redact_url(explicit).rstrip("/")
+    if uri and uri.startswith(("http://", "https://")):
+        return redact_url(uri).rstrip("/")
+    host = os.environ.get(UI_HOST_ENV) or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):  # listening everywhere: this machine reaches it on loopback
+        host = "127.0.0.1"
+    return f"http://{host}:{os.environ.get(UI_PORT_ENV) or '5000'}"
 
 
-def run_url(uri: str, experiment_id: str, run_id: str, ui: str = DEFAULT_UI) -> str:
-    """Where the run opens in the MLflow UI (`make mlflow-ui` serves the embedded store there)."""
-    return f"{ui_base(uri, ui)}/#/experiments/{experiment_id}/runs/{run_id}"
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where the run opens in the MLflow UI."""
+    return f"{mlflow_ui_url(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def compare_url(uri: str, experiment_ids: list[str], run_ids: list[str], ui: str = DEFAULT_UI) -> str:
+def experiment_url(uri: str, experiment_id: str) -> str:
+    return f"{mlflow_ui_url(uri)}/#/experiments/{experiment_id}"
+
+
+def compare_url(uri: str, experiment_ids: list[str], run_ids: list[str]) -> str:
     """MLflow's compare page for the runs: the UI reads `?runs=[JSON]&experiments=[JSON]` (in this order)."""
 
     def as_json(values: list[str]) -> str:
         return quote(json.dumps([str(v) for v in values], separators=(",", ":")), safe="[],")
 
-    return f"{ui_base(uri, ui)}/#/compare-runs?runs={as_json(run_ids)}&experiments={as_json(experiment_ids)}"
+    return f"{mlflow_ui_url(uri)}/#/compare-runs?runs={as_json(run_ids)}&experiments={as_json(experiment_ids)}"
 
 
 def git_revision(*folders: Path) -> str:
@@ -114,3 +139,24 @@ def run_tags(flavour: str, project_root: Path, manifest_path: Path | None) -> di
         "manifest_version": manifest_version(manifest_path) if manifest_path else "unknown",
         "git_revision": git_revision(project_root, PACKAGE_ROOT),
     }
+
+
+def with_description(tags: dict[str, str]) -> dict[str, str]:
+    """`tags` plus the run's description (unless one is given): who launched it, linking the Dagster run."""
+    if DESCRIPTION_TAG in tags:
+        return tags
+    lines = []
+    if tags.get("dagster_run_id"):
+        run = tags["dagster_run_id"]
+        link = f"[{run}]({tags['dagster_run_url']})" if tags.get("dagster_run_url") else f"`{run}`"
+        lines.append(f"Trained by Dagster run {link}.")
+    else:
+        lines.append("Trained from the command line (`qwen-edit train`).")
+    details = [f"flavour `{tags['flavour']}`"] if tags.get("flavour") else []
+    if tags.get("overrides"):
+        details.append(f"overrides `{tags['overrides']}`")
+    if tags.get("manifest_version"):
+        details.append(f"data `{tags['manifest_version']}`")
+    if details:
+        lines.append(", ".join(details).capitalize() + ".")
+    return {**tags, DESCRIPTION_TAG: "\n\n".join(lines)}

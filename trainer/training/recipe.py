@@ -10,7 +10,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import DistributedType
 from diffusers.optimization import get_scheduler
@@ -29,6 +28,7 @@ from trainer.model.lora import LORA_WEIGHTS_NAME, adapter_metadata, add_lora, lo
 from trainer.model.memory import OffloadActivations, offload_optimizer_state, use_expandable_segments
 from trainer.model.quantization import quantize_transformer, repeated_blocks
 from trainer.model.speed import apply_speed_settings
+from trainer.tracking.loss_summary import FINAL_LOSS, final_loss
 from trainer.tracking.mlflow_run import MlflowRun
 from trainer.tracking.plots import plot_loss
 from trainer.tracking.reporting import Reporter, open_reporter
@@ -67,7 +67,7 @@ class TrainResult:
     def to_json(self) -> dict:
         return {
             "steps": self.steps,
-            "final_loss": self.final_loss,
+            FINAL_LOSS: self.final_loss,
             "loss_history": self.loss_history,
             "lora_path": str(self.lora_path),
             "output_dir": str(self.output_dir),
@@ -111,6 +111,7 @@ class LoraTrainingRecipe:
         self.samples = training_samples(manifest, dataset_config, config)
         self.output_dir = dataset_config.resolve(config.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
+        self.notices: list[str] = []  # see _notice
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -213,7 +214,7 @@ class LoraTrainingRecipe:
             self.accelerator.wait_for_everyone()  # every rank has decided from the same files
             if self.accelerator.is_main_process:
                 moved = ckpt.move_aside(self.checkpoint_root, self.output_dir / "previous_checkpoints")
-                print(f"its checkpoints were moved to {moved}", flush=True)
+                self._notice(f"its checkpoints were moved to {moved}")
             return None, None
         return resume, state
 
@@ -232,15 +233,20 @@ class LoraTrainingRecipe:
             return True  # a checkpoint named explicitly is always resumed
         if state.step == self.max_steps and not (self.output_dir / SUMMARY_NAME).is_file():
             # killed after its final checkpoint, before the LoRA export or the summary: finish that run
-            print(f"the latest checkpoint (step {state.step}) is the last of a run that did not finish saving: finishing it", flush=True)
+            self._notice(f"the latest checkpoint (step {state.step}) is the last of a run that did not finish saving: finishing it")
             return True
         if state.step >= self.max_steps:
-            print(f"the latest checkpoint (step {state.step}) is of a finished run: training from scratch", flush=True)
+            self._notice(f"the latest checkpoint (step {state.step}) is of a finished run: training from scratch")
             return False
         if state.data_version and state.data_version != self.data_version:
-            print("the latest checkpoint was trained on other data: training from scratch", flush=True)
+            self._notice("the latest checkpoint was trained on other data: training from scratch")
             return False
         return True
+
+    def _notice(self, message: str) -> None:
+        """Said during setup, before Dagster Pipes is open: printed now, sent to Dagster's event log once it is."""
+        print(message, flush=True)
+        self.notices.append(message)
 
     def _check_caches(self) -> None:
         """Every training sample's cache files exist and match this config and these files.
@@ -461,24 +467,26 @@ def run_training(
 ) -> TrainResult | None:
     """Rank 0 holds the output_dir lock for the whole run and first clears what a killed run left."""
     if not run_lock.is_global_rank_zero():
-        return _run_training(config, dataset_config, manifest_path, project_root, tags, cache_command)
+        return _run_training(config, dataset_config, manifest_path, project_root, tags, cache_command, [])
     output_dir = dataset_config.resolve(config.output_dir)
     with run_lock.output_dir_lock(output_dir):
-        removed = run_lock.remove_stale_temp_files(output_dir)
+        removed, notices = run_lock.remove_stale_temp_files(output_dir), []
         if removed:
-            print(f"removed {len(removed)} leftover(s) of an interrupted save: {', '.join(p.name for p in removed[:5])}", flush=True)
-        return _run_training(config, dataset_config, manifest_path, project_root, tags, cache_command)
+            notices.append(f"removed {len(removed)} leftover(s) of an interrupted save: {', '.join(p.name for p in removed[:5])}")
+            print(notices[-1], flush=True)
+        return _run_training(config, dataset_config, manifest_path, project_root, tags, cache_command, notices)
 
 
 def _run_training(
     config: TrainConfig, dataset_config: DatasetConfig, manifest_path: Path, project_root: Path, tags: dict[str, str],
-    cache_command: str,
+    cache_command: str, notices: list[str],
 ) -> TrainResult | None:
     recipe = LoraTrainingRecipe(config, dataset_config, manifest_path, project_root, tags, cache_command)
     recipe.setup()
     is_main = recipe.accelerator.is_main_process
     started = time.time()
     with open_reporter(is_main) as reporter:
+        reporter.replay([*notices, *recipe.notices])  # printed already; now also in Dagster's event log
         tracker = None
         if is_main:
             (recipe.output_dir / SUMMARY_NAME).unlink(missing_ok=True)  # written again when this run has finished
@@ -527,7 +535,7 @@ def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: Mlf
     history = recipe.loss_history
     result = TrainResult(
         steps=len(history),
-        final_loss=float(np.mean(history[-max(1, len(history) // 10):])) if history else math.nan,
+        final_loss=final_loss(history),
         loss_history=history,
         lora_path=lora_path,
         output_dir=recipe.output_dir,
@@ -550,7 +558,7 @@ def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: Mlf
     atomic_write_json(recipe.output_dir / SUMMARY_NAME, result.to_json())
     reporter.materialization(
         {
-            "final_loss": result.final_loss,
+            FINAL_LOSS: result.final_loss,
             "steps": result.steps,
             "lora_path": str(lora_path),
             "lora_bytes": lora_path.stat().st_size,
@@ -565,7 +573,7 @@ def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: Mlf
         }
     )
     reporter.log(
-        f"saved LoRA to {lora_path} (final loss {result.final_loss:.5f}; held-out loss {held_out_lora:.5f}, "
+        f"saved LoRA to {lora_path} (final loss, mean of the last 10% of steps, {result.final_loss:.5f}; held-out loss {held_out_lora:.5f}, "
         f"base {held_out_base:.5f})"
     )
     return result

@@ -21,6 +21,7 @@ from tests.conftest import REPO, prepare_small_project
 from trainer.errors import QwenEditError
 from trainer.evaluation.validation import log_to_mlflow, run_validation
 from trainer.tracking.compare import compare_runs, write_comparison_report
+from trainer.tracking.loss_summary import FINAL_LOSS, final_loss
 from trainer.tracking.store import tracking_uri
 from trainer.training.recipe import run_training
 from trainer.workflow import load_manifest
@@ -58,7 +59,9 @@ def _check_comparison(comparison, project, results, ui: str) -> None:
     # the same project twice: the learning rate is the one param that differs
     assert comparison.differing_params == {"learning_rate": [str(rate) for rate in RATES]}
     assert comparison.param("learning_rate") == dict(zip(ids, ["0.001", "0.0003"]))
-    assert comparison.metric("train_loss_final") == {r.mlflow_run_id: r.loss_history[-1] for r in results}
+    # the one final loss (the runs' own metric): the mean of the last 10% of steps, as in the summary and Dagster
+    assert comparison.metric(FINAL_LOSS) == {r.mlflow_run_id: final_loss(r.loss_history) for r in results}
+    assert [comparison.metric(FINAL_LOSS)[r.mlflow_run_id] for r in results] == [r.final_loss for r in results]
     assert comparison.metric("train_loss_best") == {r.mlflow_run_id: min(r.loss_history) for r in results}
     assert {"validation_lora_latent_mse", "validation_lora_psnr", "validation_base_latent_mse"} <= comparison.metrics.keys()
     assert all(v is not None for key in comparison.metrics for v in comparison.metrics[key])
@@ -104,7 +107,7 @@ def test_compare_two_learning_rates(demo_root, tmp_path, isolated_mlflow, monkey
     _check_comparison(comparison, project, results, "http://127.0.0.1:5000")
     _check_report(comparison, tmp_path / "comparison")
     assert [run.run_id for run in compare_runs(isolated_mlflow, EXPERIMENT, last_n=1).runs] == [results[1].mlflow_run_id]
-    with pytest.raises(QwenEditError, match="no MLflow experiment 'nothing-here'"):
+    with pytest.raises(QwenEditError, match=f"no MLflow experiment 'nothing-here'.*the experiments there: Default, {EXPERIMENT}"):
         compare_runs(isolated_mlflow, "nothing-here")
 
     from mlflow.tracking import MlflowClient
@@ -135,7 +138,7 @@ def test_compare_two_learning_rates(demo_root, tmp_path, isolated_mlflow, monkey
     assert done.returncode == 0, done.stderr
     (row,) = [line for line in done.stdout.splitlines() if line.startswith("| learning_rate |")]
     assert row == "| learning_rate | 0.001 | 0.0003 |"
-    assert "train_loss_final" in done.stdout and comparison.compare_url in done.stdout
+    assert FINAL_LOSS in done.stdout and comparison.compare_url in done.stdout
     assert (tmp_path / "outputs" / "comparison" / "report.md").is_file()
 
 
