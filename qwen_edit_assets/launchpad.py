@@ -63,6 +63,19 @@ def run_overrides(context: dg.AssetExecutionContext, config: TrainConfig) -> dic
     return {key: value for key, value in given.items() if key in OVERRIDE_KEYS and value != getattr(config, key)}
 
 
+def load_for_run(context: dg.AssetExecutionContext, project, overrides: dict[str, Any] | None = None):
+    """The project as this run sees it (its Launchpad overrides applied). A bad config or override is a
+    Failure carrying the trainer's one message (key, value, fix), not a traceback."""
+    from trainer.errors import QwenEditError
+
+    try:
+        base = project.load()
+        overrides = run_overrides(context, base.config) if overrides is None else overrides
+        return project.load(overrides) if overrides else base
+    except QwenEditError as exc:
+        raise dg.Failure(description=str(exc)) from None
+
+
 def override_tags(flavour: str, overrides: dict[str, Any]) -> dict[str, str]:
     """Run tags: the flavour and each override, so the Runs list says what a run changed."""
     tags = {f"{TAG_PREFIX}flavour": flavour}

@@ -3,7 +3,7 @@
 import dagster as dg
 import pandas as pd
 
-from qwen_edit_assets.launchpad import run_overrides
+from qwen_edit_assets.launchpad import load_for_run
 from qwen_edit_assets.metadata import readable_size
 from qwen_edit_assets.resources import QwenEditProject
 
@@ -25,9 +25,7 @@ def _cache_asset(kind: str, name: str, description: str) -> dg.AssetsDefinition:
         from trainer.data.caches import build_text_cache, build_vae_cache, verify_cache
         from trainer.data.versions import cache_version
 
-        base = project.load()
-        overrides = run_overrides(context, base.config)  # e.g. the Launchpad's flavour: the caches the training reads
-        loaded = project.load(overrides) if overrides else base
+        loaded = load_for_run(context, project)  # e.g. the Launchpad's flavour: the caches the training reads
         build = build_text_cache if kind == "text" else build_vae_cache
         stats = build(pairing_manifest, loaded.dataset_config, loaded.config)
         context.log.info(f"{name}: {stats.encoded} encoded, {stats.reused} reused, {stats.pruned} pruned")

@@ -8,7 +8,7 @@ running; the manifest is then not materialised, so no later run reads a bad one.
 import dagster as dg
 import pandas as pd
 
-from qwen_edit_assets.launchpad import run_overrides
+from qwen_edit_assets.launchpad import load_for_run
 from qwen_edit_assets.resources import QwenEditProject
 
 GROUP = "data"
@@ -63,11 +63,10 @@ def pairing_manifest_asset(raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
     def pairing_manifest(context: dg.AssetExecutionContext, project: QwenEditProject):
         from trainer.data.pairing import PairingError
         from trainer.data.versions import manifest_version
+        from trainer.errors import QwenEditError
         from trainer.workflow import check_data
 
-        base = project.load()
-        overrides = run_overrides(context, base.config)
-        loaded = project.load(overrides) if overrides else base
+        loaded = load_for_run(context, project)
         for note in loaded.notes:
             context.log.info(note)
         try:
@@ -77,6 +76,8 @@ def pairing_manifest_asset(raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
             yield _pairs_complete(exc.report)
             yield _no_orphans(exc.report)
             return
+        except QwenEditError as exc:  # e.g. a folder that cannot be read: the one message, no traceback
+            raise dg.Failure(description=str(exc)) from None
         counts = manifest["split"].value_counts().to_dict()
         yield dg.Output(
             manifest,

@@ -4,7 +4,7 @@ import json
 
 import dagster as dg
 
-from qwen_edit_assets.launchpad import override_tags, training_overrides_class
+from qwen_edit_assets.launchpad import load_for_run, override_tags, training_overrides_class
 from qwen_edit_assets.metadata import image_markdown, readable
 from qwen_edit_assets.resources import QwenEditProject
 
@@ -42,7 +42,7 @@ def trained_lora_asset(project: QwenEditProject) -> dg.AssetsDefinition:
         from trainer.workflow import keep_manifest, new_run, training_command, training_env
 
         overrides = config.as_overrides()
-        loaded = project.load(overrides)
+        loaded = load_for_run(context, project, overrides)
         dagster_run = context.run.run_id
         # a re-execution (from failure) continues in its original run's folder: `resume_from_checkpoint: latest`
         # then finds that run's checkpoints

@@ -5,7 +5,7 @@ import json
 import dagster as dg
 import pandas as pd
 
-from qwen_edit_assets.launchpad import run_overrides
+from qwen_edit_assets.launchpad import load_for_run
 from qwen_edit_assets.metadata import image_markdown, rounded, validation_grid_markdown
 from qwen_edit_assets.resources import QwenEditProject
 
@@ -27,8 +27,7 @@ def validation_report(context: dg.AssetExecutionContext, project: QwenEditProjec
     from trainer.tracking.store import tracking_uri
     from trainer.training.recipe import SUMMARY_NAME
 
-    base = project.load()
-    run = project.load(run_overrides(context, base.config)).for_run(trained_run_name(context))
+    run = load_for_run(context, project).for_run(trained_run_name(context))
     summary = json.loads((run.output_dir / SUMMARY_NAME).read_text())
     report = run_validation(run.config, pairing_manifest, run.lora_dir, run.validation_dir)
     if summary.get("mlflow_run_id"):

@@ -103,3 +103,17 @@ def test_a_changed_folder_marks_the_manifest_stale(demo_root, tmp_path):
         (seen,) = [e for e in again.all_events if e.event_type_value == "ASSET_OBSERVATION"]
         assert seen.event_specific_data.asset_observation.tags["dagster/data_version"] != version
         assert status() == StaleStatus.STALE  # the UI shows pairing_manifest (and what follows it) as stale
+
+
+def test_the_launchpad_overrides_reach_the_data_check_and_a_bad_one_is_one_message(demo_root, tmp_path):
+    """The Launchpad's flavour applies to every asset of the run: edit-v1 takes one reference per target, this
+    dataset has three, so the data check (not the training, minutes later) stops with the trainer's message."""
+    defs = _defs(tmp_path, demo_root)
+    run_config = {"ops": {"trained_lora": {"config": {"model_flavour": "edit-v1"}}}}
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == "pairing_manifest"
+    data = failure.event_specific_data
+    assert data.error.cls_name == "Failure" and "edit-v1" in data.user_failure_data.description, data.user_failure_data
+    assert not {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()} & DOWNSTREAM
