@@ -284,11 +284,15 @@ class TrainConfig(BaseModel):
         None,
         description="`latest` or a checkpoint folder; resumes LoRA, optimiser, scheduler and step",
     )
-    checkpointing_steps: int = Field(500, ge=1, description="save a resumable checkpoint every N optimiser steps")
-    checkpoints_total_limit: int | None = Field(None, ge=1, description="keep the newest N checkpoints")
-    resume_from_checkpoint: str | None = Field(
-        None,
-        description="`latest` or a checkpoint folder; resumes LoRA, optimiser, scheduler and step",
+    max_nonfinite_steps: int = Field(
+        0,
+        ge=0,
+        le=MAX_COUNT,
+        description=(
+            "a NaN/inf loss or gradient stops the run at once (naming the step and sample, keeping the last good "
+            "checkpoint, writing no LoRA, exit status non-zero); N > 0 instead skips up to N such steps (no update) "
+            "and stops at the next one, at the cost of one host sync per step"
+        ),
     )
 
     # EMA of the LoRA weights
