@@ -580,6 +580,13 @@ def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: Mlf
 
 
 def _progress_bar(recipe: LoraTrainingRecipe, is_main: bool):
+    import os
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=recipe.max_steps, initial=recipe.start_step, desc="training", unit="step", disable=not is_main)
+    from trainer.tracking.reporting import PIPES_ENV
+
+    # under Dagster the progress lines go to its event log, and a bar in the captured output (or between
+    # the Dagster log lines of `make demo`) is only fragments
+    quiet = not is_main or bool(os.environ.get(PIPES_ENV))
+    return tqdm(total=recipe.max_steps, initial=recipe.start_step, desc="training", unit="step", disable=quiet)
