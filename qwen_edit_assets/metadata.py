@@ -87,3 +87,29 @@ def _cell_text(text: str) -> str:
     for char in "\\`*_[]<>#|":
         text = text.replace(char, "\\" + char)
     return " ".join(text.split())
+
+
+TABLE_METRICS = ("latent_mse", "psnr", "ssim", "edit_success", "preservation")  # the per-pair numbers worth a glance
+
+
+def validation_table(rows) -> dg.TableMetadataValue:
+    """The validation pairs as a table the UI shows inline (text only: markdown with images is one click
+    away): pair, instruction, references, and base vs LoRA for the main metrics."""
+    metrics = [m for m in TABLE_METRICS if any(f"base_{m}" in row.metrics or f"lora_{m}" in row.metrics for row in rows)]
+    columns = [
+        dg.TableColumn("pair", "string", "the file name shared by target and references"),
+        dg.TableColumn("instruction", "string", "the edit instruction (caption) it was generated with"),
+        dg.TableColumn("references", "int", "reference images fed to the model"),
+    ]
+    for metric in metrics:
+        for stage, title in (("base", "base"), ("lora", "LoRA")):
+            columns.append(dg.TableColumn(f"{title} {metric}", "float", f"{metric} of the {title} edit against the target"))
+    records = []
+    for row in rows:
+        record = {"pair": row.name, "instruction": row.caption, "references": len(row.references)}
+        for metric in metrics:
+            for stage, title in (("base", "base"), ("lora", "LoRA")):
+                value = row.metrics.get(f"{stage}_{metric}")
+                record[f"{title} {metric}"] = None if value is None else rounded(value)
+        records.append(dg.TableRecord(record))
+    return dg.MetadataValue.table(records, schema=dg.TableSchema(columns=columns))

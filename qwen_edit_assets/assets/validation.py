@@ -6,7 +6,7 @@ import dagster as dg
 import pandas as pd
 
 from qwen_edit_assets.launchpad import load_for_run
-from qwen_edit_assets.metadata import image_markdown, rounded, validation_grid_markdown
+from qwen_edit_assets.metadata import image_markdown, rounded, validation_grid_markdown, validation_table
 from qwen_edit_assets.resources import QwenEditProject
 
 GROUP = "training"
@@ -38,7 +38,8 @@ def validation_report(context: dg.AssetExecutionContext, project: QwenEditProjec
         "run_name": dg.MetadataValue.text(run.run_name),
         "pairs": sum(1 for row in report.rows if row.target),  # the validation_prompt row has no target
         "source_split": report.source_split,
-        "edits": dg.MetadataValue.md(validation_grid_markdown(report.rows)),
+        "pairs_table": validation_table(report.rows),  # inline: each pair with its instruction and numbers
+        "edits": dg.MetadataValue.md(validation_grid_markdown(report.rows)),  # the images with headers ([Show Markdown])
         "grid": image_markdown(report.grid_path, "reference(s) | base | LoRA | target"),
         "pair_metrics": dg.MetadataValue.md(pair_metrics_markdown(report.rows)),
         **{key: dg.MetadataValue.float(rounded(value)) for key, value in report.summary.items()},

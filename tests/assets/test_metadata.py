@@ -39,3 +39,16 @@ def test_the_validation_grid_has_headers_and_the_instruction_on_each_row(tmp_pat
     # the user's own instruction: escaped (no emphasis, no extra cell), no target, one reference
     assert lines[3].startswith(r"| validation\_prompt | make it \*pink\* \| now | ![reference 1](")
     assert lines[3].count("data:image") == 3 and lines[3].endswith("|  |")
+
+
+def test_the_pairs_table_shows_each_instruction_and_base_against_lora():
+    from qwen_edit_assets.metadata import validation_table
+
+    rows = [ValidationRow("0000", "make the square blue", ["r.png"], "t.png", "b.png", "l.png",
+                          {"base_latent_mse": 1.23456, "lora_latent_mse": 0.98765, "base_pixel_shift": 3.0}),
+            ValidationRow("validation_prompt", "make it pink", ["r.png"], "", "b.png", "l.png")]
+    table = validation_table(rows)
+    assert [c.name for c in table.schema.columns] == ["pair", "instruction", "references", "base latent_mse", "LoRA latent_mse"]
+    assert table.records[0].data == {"pair": "0000", "instruction": "make the square blue", "references": 1,
+                                     "base latent_mse": 1.235, "LoRA latent_mse": 0.9877}
+    assert table.records[1].data["instruction"] == "make it pink" and table.records[1].data["LoRA latent_mse"] is None

@@ -85,7 +85,7 @@ def test_trained_lora_metadata_names_the_lora_and_the_mlflow_run(dagster_ui, tra
     assert lora.is_file() and lora.is_relative_to(dagster_ui.root), lora
     assert metadata["steps"] == TRAIN_STEPS
     run_id = metadata["mlflow_run_id"]
-    assert metadata["mlflow_run_url"].endswith(f"/runs/{run_id}")
+    assert metadata["mlflow_run_url"].endswith(f"/runs/{run_id}?workflowType=machine_learning")
     client = MlflowClient(dagster_ui.mlflow_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -125,3 +125,22 @@ def test_a_changed_dataset_folder_marks_its_downstream_stale(dagster_ui, materia
     finally:
         extra.unlink()
     assert observe_and_status()["staleStatus"] == "FRESH"
+
+
+CHECKS_QUERY = """
+{
+  assetNodeOrError(assetKey: {path: ["pairing_manifest"]}) {
+    ... on AssetNode {
+      assetChecksOrError { ... on AssetChecks { checks { name description blocking executionForLatestMaterialization { status } } } }
+    }
+  }
+}"""
+
+
+def test_the_manifest_checks_are_described_blocking_where_bad_data_must_stop_and_passed(dagster_ui, materialised):
+    checks = dagster_ui.graphql(CHECKS_QUERY)["assetNodeOrError"]["assetChecksOrError"]["checks"]
+    by_name = {c["name"]: c for c in checks}
+    assert set(by_name) == {"pairs_complete", "no_orphan_references"}
+    assert by_name["pairs_complete"]["blocking"] and not by_name["no_orphan_references"]["blocking"]
+    assert all(c["description"] for c in checks)
+    assert {c["executionForLatestMaterialization"]["status"] for c in checks} == {"SUCCEEDED"}

@@ -18,6 +18,9 @@ UI_HOST_ENV, UI_PORT_ENV = "MLFLOW_HOST", "MLFLOW_PORT"  # `make mlflow-ui`'s ad
 # MLflow 3 opens an experiment without this tag in its GenAI view (traces); ours hold training runs
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description on its MLflow page (markdown)
+# MLflow 3.17's UI picks its GenAI or model-training view from a global toggle (default GenAI, kept in the
+# browser), not from the experiment's kind; this query parameter opens our links in the model-training view
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -91,12 +94,13 @@ def mlflow_ui_url(uri: str | None = None) -> str:
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """Where the run opens in the MLflow UI."""
-    return f"{mlflow_ui_url(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+    """Where the run opens in the MLflow UI (its model-training view)."""
+    return f"{mlflow_ui_url(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def experiment_url(uri: str, experiment_id: str) -> str:
-    return f"{mlflow_ui_url(uri)}/#/experiments/{experiment_id}"
+    """The experiment's runs (not its traces)."""
+    return f"{mlflow_ui_url(uri)}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
 
 
 def compare_url(uri: str, experiment_ids: list[str], run_ids: list[str]) -> str:
@@ -105,7 +109,7 @@ def compare_url(uri: str, experiment_ids: list[str], run_ids: list[str]) -> str:
     def as_json(values: list[str]) -> str:
         return quote(json.dumps([str(v) for v in values], separators=(",", ":")), safe="[],")
 
-    return f"{mlflow_ui_url(uri)}/#/compare-runs?runs={as_json(run_ids)}&experiments={as_json(experiment_ids)}"
+    return f"{mlflow_ui_url(uri)}/#/compare-runs?runs={as_json(run_ids)}&experiments={as_json(experiment_ids)}&{MODEL_TRAINING_VIEW}"
 
 
 def git_revision(*folders: Path) -> str:

@@ -76,9 +76,10 @@ def _check_comparison(comparison, project, results, ui: str) -> None:
     # MLflow 3's compare page reads ?runs=[JSON]&experiments=[JSON]
     head, query = comparison.compare_url.split("?", 1)
     assert head == f"{ui}/#/compare-runs"
-    runs, experiments = (unquote(part).split("=", 1) for part in query.split("&"))
+    runs, experiments, view = (unquote(part).split("=", 1) for part in query.split("&"))
     assert runs == ["runs", json.dumps(ids, separators=(",", ":"))]
     assert experiments == ["experiments", json.dumps([comparison.experiment_id])]
+    assert view == ["workflowType", "machine_learning"]  # MLflow 3's model-training view, not its GenAI default
 
     # the tags every run carries; a command-line tag wins over the automatic one
     manifest = hashlib.sha256(project.manifest_path.read_bytes()).hexdigest()[:16]

@@ -20,9 +20,11 @@ def test_the_embedded_store_links_to_make_mlflow_ui_on_its_port(monkeypatch):
     monkeypatch.setenv("MLFLOW_HOST", "0.0.0.0")  # serving every interface: reached here on loopback
     assert mlflow_ui_url(SQLITE) == "http://127.0.0.1:5123"
     monkeypatch.setenv("MLFLOW_HOST", "gpu-box.lan")
-    assert run_url(SQLITE, "3", "abc") == "http://gpu-box.lan:5123/#/experiments/3/runs/abc"
-    assert experiment_url(SQLITE, "3") == "http://gpu-box.lan:5123/#/experiments/3"
+    # every link opens MLflow 3's model-training view (its default is the GenAI one, whatever the experiment's kind)
+    assert run_url(SQLITE, "3", "abc") == "http://gpu-box.lan:5123/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert experiment_url(SQLITE, "3") == "http://gpu-box.lan:5123/#/experiments/3?workflowType=machine_learning"
     assert compare_url(SQLITE, ["3"], ["abc"]).startswith("http://gpu-box.lan:5123/#/compare-runs?")
+    assert compare_url(SQLITE, ["3"], ["abc"]).endswith("&workflowType=machine_learning")
 
 
 def test_a_tracking_server_is_its_own_ui_and_an_explicit_url_wins(monkeypatch):
@@ -31,7 +33,7 @@ def test_a_tracking_server_is_its_own_ui_and_an_explicit_url_wins(monkeypatch):
     assert mlflow_ui_url(server) == "https://mlflow.example.org"
     monkeypatch.setenv("QWEN_EDIT_MLFLOW_UI_URL", "https://ui.example.org/mlflow/")
     assert mlflow_ui_url(server) == mlflow_ui_url(SQLITE) == "https://ui.example.org/mlflow"
-    assert run_url(server, "1", "r") == "https://ui.example.org/mlflow/#/experiments/1/runs/r"
+    assert run_url(server, "1", "r").startswith("https://ui.example.org/mlflow/#/experiments/1/runs/r?")
 
 
 def test_the_description_links_the_dagster_run_or_says_the_command_line():
