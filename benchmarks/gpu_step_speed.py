@@ -393,6 +393,7 @@ def loss_run(recipe, files_small, init, variant: str) -> list[float]:
 
 def main() -> None:
     out = Path(os.environ.get("OUT") or tempfile.mkdtemp())
+    out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="step-speed-"))
     info = {"gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__, "variants": VARIANTS,
             "steps": STEPS, "date": time.strftime("%Y-%m-%d")}
