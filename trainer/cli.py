@@ -6,7 +6,7 @@
     qwen-edit check --config config.json            # validate config + data, nothing else
     qwen-edit compare --last 5                      # the latest MLflow runs side by side
     qwen-edit demo-setup                            # tiny models + demo dataset under ./demo
-    qwen-edit tiny-model OUT_DIR --flavour edit-v2
+    qwen-edit tiny-model OUT_DIR --flavour edit-v2        # or edit-v1, edit-v3, edit-2.1
 """
 
 import argparse
@@ -82,8 +82,10 @@ def ensure_demo(root: Path) -> None:
     from trainer.demo.dataset import generate_demo_dataset
     from trainer.demo.tiny_model import build_tiny_pipeline
 
+    from trainer.model.flavours import FLAVOURS
+
     demo = Path(root) / DEMO_DIR
-    for flavour in ("edit-v1", "edit-v2", "edit-v3"):
+    for flavour in FLAVOURS:
         build_tiny_pipeline(demo / "models" / f"tiny-{flavour}", flavour=flavour)
     generate_demo_dataset(demo / "data")
 
@@ -229,6 +231,8 @@ def configured_experiment(config: Path | None, root: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trainer.model.flavours import FLAVOURS
+
     parser = argparse.ArgumentParser(prog="qwen-edit", description="LoRA fine-tuning of the Qwen-Image Edit models")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
@@ -249,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="the card to train on, as sold (24, 16, 12, ...): is the predicted peak within it?")
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight pipeline folder")
     tiny.add_argument("out_dir", type=Path)
-    tiny.add_argument("--flavour", default="edit-v1", choices=["edit-v1", "edit-v2", "edit-v3"])
+    tiny.add_argument("--flavour", default="edit-v1", choices=list(FLAVOURS))
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(func=cmd_tiny_model)

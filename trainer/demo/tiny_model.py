@@ -1,9 +1,10 @@
-"""A random-weight, real-architecture Qwen-Image Edit pipeline folder for tests and demos.
+"""A random-weight, real-architecture Qwen-Image Edit (or Qwen-Image-2.1) pipeline folder for tests and demos.
 
 Every component is the real class (the same ones the Hub checkpoints load into), only tiny, and
 the folder is written by `save_pretrained`, so code under test loads it with exactly the calls
 it uses for `Qwen/Qwen-Image-Edit*`. The sizes are a known-working tiny set; the constraints
-between them (what must equal what) are noted where each is set.
+between them (what must equal what) are noted where each is set. edit-2.1's components are in
+`trainer.demo.tiny_model_21`.
 """
 
 import json
@@ -24,6 +25,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from trainer.demo.tiny_model_21 import processor_21, text_encoder_21, transformer_21, vae_21
 from trainer.demo.tiny_tokenizer import build_tiny_tokenizer
 from trainer.model.flavours import get_flavour
 
@@ -181,21 +183,7 @@ def build_tiny_pipeline(
     tmp.mkdir()
     try:
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
-            tokenizer = build_tiny_tokenizer()
-            torch.manual_seed(seed)
-            transformer = _transformer(spec.zero_cond_t)
-            torch.manual_seed(seed)
-            vae = _vae()
-            torch.manual_seed(seed)
-            text_encoder = _text_encoder(tokenizer)
-        pipe = spec.pipeline_cls()(
-            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            processor=_processor(tokenizer),
-            transformer=transformer,
-        )
+            pipe = spec.pipeline_cls()(**_components(spec, seed))
         pipe.save_pretrained(tmp)
         marker = {**wanted, "pipeline_class": spec.pipeline_class}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
@@ -203,6 +191,27 @@ def build_tiny_pipeline(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _components(spec, seed: int) -> dict:
+    """The pipeline's constructor arguments; every model seeded alike, in the same order."""
+    tokenizer = build_tiny_tokenizer()
+    builders = (
+        (transformer_21, vae_21, lambda: text_encoder_21(tokenizer))
+        if spec.is_21
+        else (lambda: _transformer(spec.zero_cond_t), _vae, lambda: _text_encoder(tokenizer))
+    )
+    models = []
+    for build in builders:
+        torch.manual_seed(seed)
+        models.append(build())
+    transformer, vae, text_encoder = models
+    components = dict(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae, text_encoder=text_encoder, transformer=transformer
+    )
+    if spec.is_21:  # Qwen3VLProcessor carries the tokenizer; QwenImage21Pipeline takes no separate one
+        return {**components, "processor": processor_21(tokenizer)}
+    return {**components, "tokenizer": tokenizer, "processor": _processor(tokenizer)}
 
 
 def _swap_into_place(tmp: Path, out: Path, overwrite: bool, wanted: dict) -> None:
