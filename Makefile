@@ -38,6 +38,7 @@ system-packages:
 
 ## demo: tiny model + demo data, then materialise every asset with Dagster; prints where results are
 demo: setup
+	@$(PY) -m qwen_edit_assets.instance_check
 	$(PY) -m trainer.cli demo-setup
 	$(PY) scripts/dagster_quiet.py asset materialize -m qwen_edit_assets.definitions --select '*' --config-json '$(DEMO_RUN_CONFIG)'
 	$(PY) -m qwen_edit_assets.demo_summary
@@ -51,7 +52,9 @@ test-integration: setup system-packages
 	$(PY) -m pytest -q -p no:cacheprovider -m integration tests/integration
 
 ## ui: Dagster webserver + daemon on $(DAGSTER_HOST):$(DAGSTER_PORT)
+# (first: an instance on PostgreSQL that is down or refuses the login is one line naming it and the fix)
 ui: setup
+	@$(PY) -m qwen_edit_assets.instance_check
 	exec $(WITH_SIGNALS) $(VENV)/bin/dagster dev -m qwen_edit_assets.definitions --host $(DAGSTER_HOST) --port $(DAGSTER_PORT)
 
 ## mlflow-ui: the MLflow UI over the embedded store on $(MLFLOW_HOST):$(MLFLOW_PORT)

@@ -73,7 +73,10 @@ def materialised_on_postgres(demo_root, postgres_home, mlflow_server, tmp_path_f
 
 def test_the_template_keeps_the_gpu_limits_of_dagster_yaml():
     assert instance_settings("dagster.postgres.yaml")["concurrency"] == instance_settings("dagster.yaml")["concurrency"]
-    assert set(instance_settings("dagster.postgres.yaml")["storage"]) == {"postgres"}
+    # dagster-postgres's storage behind the reachability check (tests/integration/test_instance_unreachable.py)
+    storage = instance_settings("dagster.postgres.yaml")["storage"]
+    assert set(storage) == {"custom"} and storage["custom"]["class"] == "CheckedPostgresStorage"
+    assert set(storage["custom"]["config"]["postgres_db"]) == {"hostname", "port", "username", "password", "db_name", "scheme"}
 
 
 def test_the_graph_materialises_into_postgres(materialised_on_postgres, postgres, postgres_home):
