@@ -102,6 +102,10 @@ def cmd_check(args) -> int:
     print(f"manifest: {project.manifest_path}")
     for line in memory_report(project, manifest, args.gpu_memory):
         print(line)
+    from trainer.model.speed import speed_notes
+
+    for note in speed_notes(project.config):
+        print(f"warning: {note}")
     return 0
 
 

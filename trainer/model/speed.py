@@ -23,3 +23,16 @@ def apply_speed_settings(transformer, config: TrainConfig, device: torch.device)
         transformer.enable_gradient_checkpointing(runner)  # diffusers calls it for every block while gradients are on
     elif config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+
+
+def speed_notes(config: TrainConfig) -> list[str]:
+    """What `qwen-edit check` says about a speed setting that measured worse than it reads
+    (benchmarks/RESULTS.md, issue 10)."""
+    notes = []
+    if config.base_model_precision == "fp8-native" and not config.compile_transformer_blocks:
+        notes.append(
+            "fp8-native without compile_transformer_blocks is slower than bf16 and needs more memory (eager mode "
+            "keeps the quantisation temporaries: 3.1 s vs 1.2 s a step, 67 vs 47 GiB on an H200); "
+            "set compile_transformer_blocks true"
+        )
+    return notes

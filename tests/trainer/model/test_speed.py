@@ -128,3 +128,12 @@ def test_compiled_blocks_match_the_eager_step_and_compile_once_for_all_blocks_an
         assert all(float(grads[k].abs().max()) == 0 for k in grads.keys() - ref_grads.keys())
     counts = compile_counts()
     assert counts["graphs"] - before == 1 and counts["graph_breaks"] == 0
+
+
+def test_check_warns_that_fp8_native_needs_compiled_blocks():
+    from trainer.model.speed import speed_notes
+
+    eager = parse_train_config({"base_model_precision": "fp8-native"})
+    compiled = parse_train_config({"base_model_precision": "fp8-native", "compile_transformer_blocks": True})
+    assert any("compile_transformer_blocks" in note for note in speed_notes(eager))
+    assert speed_notes(compiled) == []
