@@ -79,14 +79,15 @@ class TrainConfig(BaseModel):
         "edit-v1",
         description=(
             "`edit-v1` (Qwen-Image-Edit, 1 reference), `edit-v2` (Qwen-Image-Edit-2509, 1-3), `edit-v3` "
-            "(Qwen-Image-Edit-2511, `zero_cond_t`)"
+            "(Qwen-Image-Edit-2511, `zero_cond_t`), `edit-2.1` (Qwen-Image-2.1, 1-10, RGBA; another licence: see "
+            "the flavour table)"
         ),
     )
     pretrained_model_name_or_path: str | None = Field(
         None,
         description=(
             "Hub id or local diffusers folder; defaults `Qwen/Qwen-Image-Edit`, `Qwen/Qwen-Image-Edit-2509`, "
-            "`Qwen/Qwen-Image-Edit-2511`"
+            "`Qwen/Qwen-Image-Edit-2511`, `Qwen/Qwen-Image-2.1`"
         ),
         json_schema_extra={"shown_default": "per flavour"},
     )
@@ -404,6 +405,11 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 "quantize_activations is quanto's int8 activations; fp8-native quantises activations to fp8 itself: "
                 "remove quantize_activations or use an int8-quanto base"
+            )
+        if self.model_kwargs.match_target_res and get_flavour(self.model_flavour).is_21:
+            raise ValueError(
+                "model_kwargs.match_target_res is for edit-v2/v3; edit-2.1 always gives its references the target's "
+                "area, as QwenImage21Pipeline gives them its output's (output_resolution). Remove the key."
             )
         if self.model_kwargs.match_target_res and not get_flavour(self.model_flavour).is_plus:
             raise ValueError(

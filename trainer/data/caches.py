@@ -21,19 +21,22 @@ from tqdm.auto import tqdm
 
 from trainer.config.schema import TrainConfig
 from trainer.data.dataset_config import DatasetConfig
-from trainer.data.images import crop_to_aspect, load_rgb
+from trainer.data.images import crop_to_aspect, load_image
 from trainer.data.pairing import reference_paths
 from trainer.io import atomic_write_with
 from trainer.model.conditioning import (
+    PromptEmbedding,
+    embed_prompt,
     encode_image_latents,
-    encode_prompt,
     prepare_references,
     preprocess_target,
+    references_take_target_area,
 )
 from trainer.model.loading import compute_dtype, default_device, load_pipeline
 
 # bump when what a cache file holds changes; "2": strict references cropped at their own
 # resolution, match_target_res references at the target's area and their own aspect ratio
+# (edit-2.1 adds `image_pad_mask` tensors; its files are keyed by flavour, so "2" stays)
 CACHE_FORMAT = "2"
 
 
@@ -74,12 +77,22 @@ def strict_references(dataset_config: DatasetConfig, config: TrainConfig, row) -
 
 def load_references(dataset_config: DatasetConfig, config: TrainConfig, row) -> list:
     """The row's reference images at full resolution; strict ones centre-cropped to the aspect ratio
-    of the target's bucket. The pipeline's own preparation resizes them afterwards, as at inference."""
+    of the target's bucket. The pipeline's own preparation resizes them afterwards, as at inference.
+    edit-2.1 keeps their alpha channel (its VAE reads RGBA)."""
     size = target_size(dataset_config, row)
+    keep_alpha = config.flavour.keeps_alpha
     return [
-        crop_to_aspect(load_rgb(path), *size) if strict else load_rgb(path)
+        crop_to_aspect(load_image(path, keep_alpha), *size) if strict else load_image(path, keep_alpha)
         for path, strict in zip(reference_paths(row), strict_references(dataset_config, config, row))
     ]
+
+
+def reference_target_size(dataset_config: DatasetConfig, config: TrainConfig, row) -> tuple[int, int] | None:
+    """The size references are prepared for: the target's bucket where they take its area (edit-2.1,
+    match_target_res), else None (the pipelines' fixed sizes)."""
+    if references_take_target_area(config.flavour, config.model_kwargs.match_target_res):
+        return target_size(dataset_config, row)
+    return None
 
 
 @dataclass(frozen=True)
@@ -129,8 +142,9 @@ def text_key(config: TrainConfig, dataset_config: DatasetConfig, row) -> CacheKe
         dropout=config.caption_dropout_probability > 0,
         per_reference=_random_reference(dataset_config, config, row),
         strict=strict,
-        # the VL encoder sees references at fixed sizes: the target's size matters only through strict crops
-        target_size=target_size(dataset_config, row) if any(strict) else None,
+        # the VL encoder sees references at fixed sizes (edit-2.1: the target's area): otherwise the
+        # target's size matters only through strict crops
+        target_size=target_size(dataset_config, row) if any(strict) or config.flavour.is_21 else None,
     )
     return CacheKey(settings, tuple(reference_paths(row)))
 
@@ -231,18 +245,16 @@ def build_text_cache(
     def encode(row) -> dict[str, torch.Tensor]:
         nonlocal pipe
         pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, vae=False)
-        size = target_size(dataset_config, row) if config.model_kwargs.match_target_res else None
+        size = reference_target_size(dataset_config, config, row)
         images = load_references(dataset_config, config, row)
         refs = prepare_references(pipe, config.flavour, images, size)
-        tensors = {}
-        tensors["prompt_embeds"], tensors["prompt_embeds_mask"] = encode_prompt(pipe, config.flavour, row["caption"], refs)
+        tensors = _embedding_tensors(embed_prompt(pipe, config.flavour, row["caption"], refs))
         if config.caption_dropout_probability > 0:  # the instruction dropped, the references kept
-            tensors["dropout_prompt_embeds"], tensors["dropout_prompt_embeds_mask"] = encode_prompt(pipe, config.flavour, "", refs)
+            tensors.update(_embedding_tensors(embed_prompt(pipe, config.flavour, "", refs), prefix="dropout_"))
         if _random_reference(dataset_config, config, row):
             for index, image in enumerate(images):
                 single = prepare_references(pipe, config.flavour, [image], size)
-                embeds, mask = encode_prompt(pipe, config.flavour, row["caption"], single)
-                tensors[f"prompt_embeds_ref{index}"], tensors[f"prompt_embeds_mask_ref{index}"] = embeds, mask
+                tensors.update(_embedding_tensors(embed_prompt(pipe, config.flavour, row["caption"], single), suffix=f"_ref{index}"))
         return tensors
 
     return _run_cache_pass(
@@ -252,6 +264,20 @@ def build_text_cache(
         encode,
         "text embeddings",
     )
+
+
+def _embedding_tensors(embedding: PromptEmbedding, prefix: str = "", suffix: str = "") -> dict[str, torch.Tensor]:
+    """A text cache file's names for one prompt's embedding (edit-2.1 adds its image_pad_mask)."""
+    tensors = {f"{prefix}prompt_embeds{suffix}": embedding.embeds, f"{prefix}prompt_embeds_mask{suffix}": embedding.mask}
+    if embedding.image_pad_mask is not None:
+        tensors[f"{prefix}image_pad_mask{suffix}"] = embedding.image_pad_mask
+    return tensors
+
+
+def _embedding_of(text: dict[str, torch.Tensor], prefix: str = "", suffix: str = "") -> tuple[torch.Tensor, ...]:
+    """(embeds, mask) of a text cache file's prompt, with its image_pad_mask where there is one (edit-2.1)."""
+    names = [f"{prefix}prompt_embeds{suffix}", f"{prefix}prompt_embeds_mask{suffix}", f"{prefix}image_pad_mask{suffix}"]
+    return tuple(text[name] for name in names if name in text)
 
 
 def build_vae_cache(
@@ -266,10 +292,10 @@ def build_vae_cache(
         pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, text_encoder=False)
         size = target_size(dataset_config, row)
         refs = prepare_references(
-            pipe, config.flavour, load_references(dataset_config, config, row),
-            size if config.model_kwargs.match_target_res else None,
+            pipe, config.flavour, load_references(dataset_config, config, row), reference_target_size(dataset_config, config, row)
         )
-        tensors = {"target": encode_image_latents(pipe, preprocess_target(pipe, load_rgb(row["target_path"]), size))}
+        target = load_image(row["target_path"], config.flavour.keeps_alpha)
+        tensors = {"target": encode_image_latents(pipe, preprocess_target(pipe, target, size))}
         for index, image in enumerate(refs.vae_images):
             tensors[f"reference_{index}"] = encode_image_latents(pipe, image)
         return tensors
@@ -288,29 +314,35 @@ class CachedSample:
     name: str
     prompt_embeds: torch.Tensor  # [T, D]
     prompt_embeds_mask: torch.Tensor  # [T]
-    target: torch.Tensor  # [16, h, w]
+    target: torch.Tensor  # [16, h, w] (edit-2.1: [64, h, w])
     references: list[torch.Tensor]  # each [16, h_i, w_i]
-    dropout_embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # empty instruction, same references
-    per_reference_embeds: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # `random` sampling
+    # empty instruction, same references: (embeds, mask), edit-2.1 (embeds, mask, image_pad_mask)
+    dropout_embeds: tuple[torch.Tensor, ...] | None = None
+    per_reference_embeds: list[tuple[torch.Tensor, ...]] | None = None  # `random` sampling, as dropout_embeds
+    image_pad_mask: torch.Tensor | None = None  # [T] bool, edit-2.1 only: the VL encoder's image slots
 
     def with_caption_dropped(self) -> "CachedSample":
-        embeds, mask = self.dropout_embeds
-        return replace(self, prompt_embeds=embeds, prompt_embeds_mask=mask)
+        return self._with_prompt(*self.dropout_embeds)
 
     def with_one_reference(self, index: int) -> "CachedSample":
-        embeds, mask = self.per_reference_embeds[index]
-        return replace(self, prompt_embeds=embeds, prompt_embeds_mask=mask, references=[self.references[index]])
+        return replace(self._with_prompt(*self.per_reference_embeds[index]), references=[self.references[index]])
+
+    def _with_prompt(self, embeds: torch.Tensor, mask: torch.Tensor, image_pad_mask: torch.Tensor | None = None) -> "CachedSample":
+        return replace(self, prompt_embeds=embeds, prompt_embeds_mask=mask, image_pad_mask=image_pad_mask)
 
 
 def load_sample(paths: SamplePaths, name: str) -> CachedSample:
     text = load_file(str(paths.text))
     vae = load_file(str(paths.vae))
     refs = [vae[f"reference_{i}"] for i in range(len(vae) - 1)]
-    dropout = (text["dropout_prompt_embeds"], text["dropout_prompt_embeds_mask"]) if "dropout_prompt_embeds" in text else None
+    dropout = _embedding_of(text, prefix="dropout_") if "dropout_prompt_embeds" in text else None
     per_reference = None
     if "prompt_embeds_ref0" in text:
-        per_reference = [(text[f"prompt_embeds_ref{i}"], text[f"prompt_embeds_mask_ref{i}"]) for i in range(len(refs))]
-    return CachedSample(name, text["prompt_embeds"], text["prompt_embeds_mask"], vae["target"], refs, dropout, per_reference)
+        per_reference = [_embedding_of(text, suffix=f"_ref{i}") for i in range(len(refs))]
+    return CachedSample(
+        name, text["prompt_embeds"], text["prompt_embeds_mask"], vae["target"], refs, dropout, per_reference,
+        text.get("image_pad_mask"),
+    )
 
 
 def iter_samples(manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig) -> Iterator[CachedSample]:

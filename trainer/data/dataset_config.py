@@ -37,7 +37,7 @@ class DatasetEntry(BaseModel):
         "image",
         description=(
             "`image`: edit targets (+ captions); `conditioning`: reference images named like their targets; "
-            "`conditioning_image_embeds` (edit-v1) / `text_embeds` (edit-v2/v3): where prompt embeddings are "
+            "`conditioning_image_embeds` (edit-v1) / `text_embeds` (edit-v2/v3/2.1): where prompt embeddings are "
             "cached"
         ),
     )
@@ -79,8 +79,8 @@ class DatasetEntry(BaseModel):
     conditioning_data: list[str] | str | None = Field(
         None,
         description=(
-            "on an image dataset: the id(s) of its conditioning datasets (edit-v1: one; edit-v2/v3: 1-3, one "
-            "reference each)"
+            "on an image dataset: the id(s) of its conditioning datasets (edit-v1: one; edit-v2/v3: 1-3; "
+            "edit-2.1: 1-10; one reference each)"
         ),
     )
     conditioning_image_embeds: str | None = Field(
@@ -227,7 +227,7 @@ class DatasetConfig:
     def _text_cache_dir(self, entry: DatasetEntry, flavour: Flavour) -> Path:
         if entry.conditioning_image_embeds:
             return self.resolve(self.by_id(entry.conditioning_image_embeds).cache_dir or f"cache/conditioning_image_embeds/{entry.id}")
-        if not flavour.is_plus:
+        if flavour.uses_conditioning_image_embeds:
             return self.resolve(f"cache/conditioning_image_embeds/{entry.id}")
         default = [e for e in self.entries if e.dataset_type == "text_embeds" and e.cache_dir and not e.disabled]
         base = self.resolve(default[0].cache_dir) if default else self.resolve("cache/text_embeds")
@@ -264,6 +264,19 @@ def load_dataset_config(
 
 def _count(low: int, high: int) -> str:
     return str(low) if low == high else f"{low}-{high}"
+
+
+def _more_references_hint(flavour: Flavour, count: int) -> str:
+    """The fix for a reference count `flavour` does not take: fewer datasets, or a flavour that takes them."""
+    from trainer.model.flavours import FLAVOURS
+
+    if count < flavour.min_references:
+        return ""
+    others = [f.name for f in FLAVOURS.values() if f.min_references <= count <= f.max_references]
+    fix = f"; list at most {flavour.max_references}"
+    if others:
+        fix += f", or use model_flavour {' or '.join(repr(o) for o in others)} (takes {count})"
+    return fix
 
 
 def _shared_cache_folders(config: DatasetConfig, flavour: Flavour) -> list[str]:
@@ -307,8 +320,7 @@ def _check_references(config: DatasetConfig, flavour: Flavour) -> None:
         if len(refs) > flavour.max_references or len(refs) < flavour.min_references:
             problems.append(
                 f"entry {entry.id!r}: {flavour.name} takes {_count(flavour.min_references, flavour.max_references)} "
-                f"conditioning dataset(s), got {len(refs)}"
-                + ("; use model_flavour 'edit-v2' for several references" if flavour.name == "edit-v1" else "")
+                f"conditioning dataset(s), got {len(refs)} in conditioning_data" + _more_references_hint(flavour, len(refs))
             )
         for ref in refs:
             if ref not in by_id:
@@ -317,7 +329,7 @@ def _check_references(config: DatasetConfig, flavour: Flavour) -> None:
                 problems.append(f"entry {entry.id!r}: conditioning_data {ref!r} has dataset_type {by_id[ref].dataset_type!r}, expected 'conditioning'")
         embeds = entry.conditioning_image_embeds
         if embeds is not None:
-            if flavour.is_plus:
+            if not flavour.uses_conditioning_image_embeds:
                 problems.append(f"entry {entry.id!r}: conditioning_image_embeds is an edit-v1 cache; {flavour.name} encodes references on demand. Remove the key.")
             elif embeds not in by_id:
                 problems.append(

@@ -27,15 +27,34 @@ def load_rgb(path: str | Path) -> Image.Image:
     Transparent pixels are composited on white (a plain convert would expose whatever colour
     the transparent pixels happen to hold); CMYK, palette and 16-bit images are converted.
     """
+    return load_image(path)
+
+
+def load_image(path: str | Path, keep_alpha: bool = False) -> Image.Image:
+    """`load_rgb`, or with `keep_alpha` an RGBA image whose alpha is the file's (opaque when it has
+    none): what Qwen-Image-2.1's VAE reads (`Flavour.keeps_alpha`)."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if has_alpha(image):
             rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
+            return rgba if keep_alpha else on_white(rgba)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            return image.point(lambda v: v / 256).convert("L").convert("RGB")
-        return image.convert("RGB")
+            rgb = image.point(lambda v: v / 256).convert("L").convert("RGB")
+        else:
+            rgb = image.convert("RGB")
+        return rgb.convert("RGBA") if keep_alpha else rgb
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """RGB with transparent pixels composited on white (an RGB image is returned as it is)."""
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 _ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -50,6 +69,7 @@ class ImageProbe:
     width: int = 0  # after EXIF orientation
     height: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    has_alpha: bool = False  # what loading does with it depends on the flavour: see `alpha_note`
 
 
 def probe_image(path: str | Path) -> ImageProbe:
@@ -107,7 +127,7 @@ def _probe(path: str, size: int, mtime_ns: int) -> ImageProbe:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height, mode, image_format = image.width, image.height, image.mode, image.format
-                has_alpha = mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+                alpha = mode in ("RGBA", "LA", "PA") or "transparency" in image.info
                 orientation = _orientation(image.info.get("exif"))  # header bytes only: no pixel decoding
                 image.verify()  # structure and checksums: catches truncated PNG and WebP files
             if image_format in _PIXELS_NOT_VERIFIED:
@@ -121,15 +141,22 @@ def _probe(path: str, size: int, mtime_ns: int) -> ImageProbe:
         notes.append("CMYK image, converted to RGB")
     elif mode.startswith("I"):
         notes.append(f"{mode} (16-bit) image, converted to 8-bit RGB")
-    elif mode == "P" and not has_alpha:
+    elif mode == "P" and not alpha:
         notes.append("palette image, converted to RGB")
-    if has_alpha:
-        notes.append("has transparency, composited on white")
     if orientation in _ROTATED_ORIENTATIONS:
         width, height = height, width
     if orientation != 1:
         notes.append(f"EXIF orientation {orientation} applied")
-    return ImageProbe(None, width, height, tuple(notes))
+    return ImageProbe(None, width, height, tuple(notes), alpha)
+
+
+def alpha_note(keep_alpha: bool, is_reference: bool) -> str:
+    """What training does with a transparent image, as the flavour's pipeline does it."""
+    if not keep_alpha:
+        return "has transparency, composited on white"
+    if is_reference:  # QwenImage21Pipeline: the VAE reads RGBA, only the VL encoder's copy is flattened
+        return "has transparency: the VAE reads its alpha channel, the Qwen3-VL encoder sees it composited on white (as QwenImage21Pipeline does)"
+    return "has transparency: trained with its alpha channel (Qwen-Image-2.1's VAE encodes RGBA)"
 
 
 # PIL's verify() reads no pixel data of these: a truncated file passes it (and then fails mid-cache)

@@ -9,21 +9,29 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
 from trainer.data.dataset_config import DatasetConfig, DatasetEntry, TrainingSet
-from trainer.data.images import IMAGE_SUFFIXES, image_size_measure, is_image_file, probe_image, probe_images
+from trainer.data.images import IMAGE_SUFFIXES, alpha_note, image_size_measure, is_image_file, probe_image, probe_images
 from trainer.errors import DataError
-from trainer.model.flavours import Flavour
+from trainer.model.flavours import MAX_REFERENCES, Flavour
 
 ASPECT_TOLERANCE = 0.02  # reference_strict: |log(aspect ratio / target's)| above this is an error
 IGNORED_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md"}
 
-MAX_REFERENCES = 3
+# reference_1..3 are in every manifest; reference_4..10 only where the flavour takes more (edit-2.1),
+# so the edit-v1/v2/v3 manifests (and their data versions) stay as they were
+BASE_REFERENCES = 3
 REFERENCE_COLUMNS = tuple(f"reference_{i}" for i in range(1, MAX_REFERENCES + 1))
+
+
+def reference_columns(flavour: Flavour) -> tuple[str, ...]:
+    """The manifest's reference columns for `flavour`."""
+    return REFERENCE_COLUMNS[: max(BASE_REFERENCES, flavour.max_references)]
 
 
 class PairingManifestModel(pa.DataFrameModel):
@@ -40,8 +48,16 @@ class PairingManifestModel(pa.DataFrameModel):
     reference_1: Series[str] = pa.Field(nullable=True)
     reference_2: Series[str] = pa.Field(nullable=True)
     reference_3: Series[str] = pa.Field(nullable=True)
+    # edit-2.1's further references: columns of its manifests only
+    reference_4: Optional[Series[str]] = pa.Field(nullable=True)
+    reference_5: Optional[Series[str]] = pa.Field(nullable=True)
+    reference_6: Optional[Series[str]] = pa.Field(nullable=True)
+    reference_7: Optional[Series[str]] = pa.Field(nullable=True)
+    reference_8: Optional[Series[str]] = pa.Field(nullable=True)
+    reference_9: Optional[Series[str]] = pa.Field(nullable=True)
+    reference_10: Optional[Series[str]] = pa.Field(nullable=True)
 
-    @pa.check("target_path", "reference_1", "reference_2", "reference_3", element_wise=True, name="readable_image")
+    @pa.check("target_path", *REFERENCE_COLUMNS, element_wise=True, name="readable_image")
     def _readable(cls, path) -> bool:
         return path is None or pd.isna(path) or probe_image(path).error is None
 
@@ -129,14 +145,16 @@ def build_manifest(
     """Scan every image dataset, pair files by name, validate; raise PairingError on any error."""
     rows: list[dict] = []
     report = PairingReport()
+    columns = reference_columns(flavour)
     for entry in dataset_config.image_entries:
         tset = dataset_config.training_set(entry, flavour)
         split = "eval" if entry.id == eval_dataset_id else "train"
-        rows += _pair_dataset(tset, split, report)
+        rows += _pair_dataset(tset, split, report, flavour, columns)
     if eval_dataset_id is not None:
         dataset_config.by_id(eval_dataset_id)  # a clear error when the id is wrong
-    manifest = pd.DataFrame(rows, columns=list(PairingManifestModel.to_schema().columns))
-    for column in ("caption", *REFERENCE_COLUMNS):
+    schema_columns = list(PairingManifestModel.to_schema().columns)
+    manifest = pd.DataFrame(rows, columns=[c for c in schema_columns if c not in REFERENCE_COLUMNS or c in columns])
+    for column in ("caption", *columns):
         manifest[column] = manifest[column].astype(object)
     for column in ("n_references", "target_width", "target_height"):
         manifest[column] = manifest[column].astype(int)
@@ -148,7 +166,7 @@ def build_manifest(
     return manifest.reset_index(drop=True), report
 
 
-def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[dict]:
+def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport, flavour: Flavour, columns: tuple[str, ...]) -> list[dict]:
     entry = tset.target
     if not tset.target_dir.is_dir():
         report.errors.append(f"dataset {entry.id!r}: instance_data_dir {tset.target_dir} does not exist")
@@ -184,7 +202,7 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
         references = [
             files.get(stem) or os.path.join(str(ref_dir), target_name) for files, ref_dir in zip(reference_files, tset.reference_dirs)
         ]
-        references += [None] * (MAX_REFERENCES - len(references))
+        references += [None] * (len(columns) - len(references))
         rows.append(
             {
                 "split": split,
@@ -195,10 +213,10 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport) -> list[
                 "n_references": len(tset.references),
                 "target_width": (probe := probe_image(target_path)).width,
                 "target_height": probe.height,
-                **dict(zip(REFERENCE_COLUMNS, references)),
+                **dict(zip(columns, references)),
             }
         )
-    _check_quality(tset, rows, scans, report)
+    _check_quality(tset, rows, scans, report, flavour)
     return rows
 
 
@@ -219,8 +237,9 @@ def _below_minimum_size(entry: DatasetEntry, target_path: str, report: PairingRe
     return True
 
 
-def _check_quality(tset: TrainingSet, rows: list[dict], scans: dict[Path, FolderScan], report: PairingReport) -> None:
-    """Beyond pairing: conversions done on load, small images, strict references of another shape, odd files."""
+def _check_quality(tset: TrainingSet, rows: list[dict], scans: dict[Path, FolderScan], report: PairingReport, flavour: Flavour) -> None:
+    """Beyond pairing: conversions done on load (transparency as the flavour's pipeline treats it),
+    small images, strict references of another shape, odd files."""
     entry = tset.target
     for scan in scans.values():
         for first, second in scan.case_twins:
@@ -229,7 +248,7 @@ def _check_quality(tset: TrainingSet, rows: list[dict], scans: dict[Path, Folder
             report.warnings.append(f"{path}: not an image type ({path.suffix or 'no extension'}), ignored")
     for row in rows:
         target = probe_image(row["target_path"])
-        for note in target.notes:
+        for note in _notes(target, flavour, is_reference=False):
             report.warnings.append(f"{row['target_path']}: {note}")
         if target.error is None:
             bucket = entry.bucket(target.width, target.height)
@@ -240,7 +259,7 @@ def _check_quality(tset: TrainingSet, rows: list[dict], scans: dict[Path, Folder
                 )
         for ref_entry, column in zip(tset.references, REFERENCE_COLUMNS):
             ref = probe_image(row[column])
-            for note in ref.notes:
+            for note in _notes(ref, flavour, is_reference=True):
                 report.warnings.append(f"{row[column]}: {note}")
             strict = ref_entry.conditioning_type == "reference_strict"
             if strict and ref.error is None and target.error is None and _aspect_gap(ref, target) > ASPECT_TOLERANCE:
@@ -249,6 +268,10 @@ def _check_quality(tset: TrainingSet, rows: list[dict], scans: dict[Path, Folder
                     f"{row['target_path']} ({target.width}x{target.height}); crop it to match, or set "
                     f"conditioning_type 'reference_loose' on dataset {ref_entry.id!r}"
                 )
+
+
+def _notes(probe, flavour: Flavour, is_reference: bool) -> tuple[str, ...]:
+    return probe.notes + ((alpha_note(flavour.keeps_alpha, is_reference),) if probe.has_alpha else ())
 
 
 def _aspect_gap(a, b) -> float:
@@ -321,6 +344,6 @@ def write_manifest(manifest: pd.DataFrame, path: Path) -> Path:
 
 def read_manifest(path: Path) -> pd.DataFrame:
     manifest = pd.read_json(path, orient="records", dtype=False)
-    for column in ("caption", *REFERENCE_COLUMNS):
+    for column in ("caption", *(c for c in REFERENCE_COLUMNS if c in manifest.columns)):
         manifest[column] = manifest[column].astype(object).where(manifest[column].notna(), None)
     return manifest

@@ -20,14 +20,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from trainer.config.schema import TrainConfig
-from trainer.data.images import load_rgb
+from trainer.data.images import load_image, load_rgb, on_white
 from trainer.data.pairing import reference_paths
 from trainer.evaluation.embedded_images import image_data_uri
 from trainer.evaluation.metrics import HIGHER_IS_BETTER, edit_metrics
 from trainer.evaluation.residency import TakingTurns
-from trainer.evaluation.sampling import EditConditioning, generate_latents
+from trainer.evaluation.sampling import EditConditioning, generate_latents, generate_latents_21
 from trainer.io import atomic_write_json, atomic_write_text
-from trainer.model.conditioning import encode_image_latents, encode_prompt, pack, prepare_references, preprocess_target
+from trainer.model.conditioning import (
+    embed_prompt,
+    encode_image_latents,
+    pipeline_tokens,
+    prepare_references,
+    preprocess_target,
+    references_take_target_area,
+)
 from trainer.model.loading import compute_dtype, default_device, load_pipeline, load_transformer
 from trainer.tracking.mlflow_run import outage_tolerant
 
@@ -87,18 +94,31 @@ def decode_latents(pipe, tokens: torch.Tensor, width: int, height: int) -> Image
 def encode_conditioning(pipe, config: TrainConfig, caption: str, references: list[Image.Image]) -> EditConditioning:
     """Positive and negative prompt (both with the references, as the pipeline does) + reference latents."""
     flavour = config.flavour
-    size = config.validation_size if config.model_kwargs.match_target_res else None
+    size = config.validation_size if references_take_target_area(flavour, config.model_kwargs.match_target_res) else None
     refs = prepare_references(pipe, flavour, references, size)
-    embeds, mask = encode_prompt(pipe, flavour, caption, refs)
-    negative, negative_mask = encode_prompt(pipe, flavour, config.validation_negative_prompt, refs)
+    positive = embed_prompt(pipe, flavour, caption, refs)
+    negative = embed_prompt(pipe, flavour, config.validation_negative_prompt, refs)
     return EditConditioning(
-        embeds[None], mask[None], negative[None], negative_mask[None],
+        positive.embeds[None], positive.mask[None], negative.embeds[None], negative.mask[None],
         [encode_image_latents(pipe, image) for image in refs.vae_images],
+        *((positive.image_pad_mask[None], negative.image_pad_mask[None]) if flavour.is_21 else ()),
     )
 
 
 def edit_latents(pipe, config: TrainConfig, cond: EditConditioning) -> torch.Tensor:
     width, height = config.validation_size
+    if config.flavour.is_21:
+        return generate_latents_21(
+            pipe.transformer,
+            pipe.scheduler,
+            cond,
+            width,
+            height,
+            config.validation_num_inference_steps,
+            config.validation_guidance,
+            torch.Generator("cpu").manual_seed(config.validation_seed),
+            pipe.config.sample_sigmas,  # the checkpoint's own schedule, when it sets one (then it sets the steps)
+        )
     return generate_latents(
         pipe.transformer,
         pipe.scheduler,
@@ -213,7 +233,7 @@ def validate(
         rows.append(ValidationRow(PROMPT_ROW, config.validation_prompt, list(rows[0].references), target=""))
     with phase("encode"):
         conditioning = {
-            row.name: encode_conditioning(pipe, config, row.caption, [load_rgb(p) for p in row.references])
+            row.name: encode_conditioning(pipe, config, row.caption, [load_image(p, config.flavour.keeps_alpha) for p in row.references])
             for row in tqdm(rows, desc="validation: encoding", unit="pair")
         }
     outputs = {}
@@ -238,14 +258,16 @@ def _decode_and_score(pipe, config: TrainConfig, rows: list, stages: tuple[str, 
         row.references = [_copy_image(p, out_dir / "images" / f"{row.name}_reference_{i + 1}.png") for i, p in enumerate(row.references)]
         images = {}
         for stage in stages:
-            images[stage] = decode_latents(pipe, outputs[(stage, row.name)], width, height)
+            decoded = decode_latents(pipe, outputs[(stage, row.name)], width, height)
             path = out_dir / "images" / f"{row.name}_{stage}.png"
-            images[stage].save(path)
+            decoded.save(path)  # edit-2.1 decodes RGBA: saved with its alpha, scored on white like the targets
+            images[stage] = on_white(decoded)
             setattr(row, f"{stage}_image", str(path))
         if row.target:  # the validation_prompt row has no target to be scored against
             target_image = load_rgb(row.target)
             reference_image = load_rgb(row.references[0])  # the image being edited: preservation and shift are against it
-            target_tokens = pack(encode_image_latents(pipe, preprocess_target(pipe, target_image, (width, height)))[None])
+            encoded = load_image(row.target, config.flavour.keeps_alpha)
+            target_tokens = pipeline_tokens(pipe, encode_image_latents(pipe, preprocess_target(pipe, encoded, (width, height)))[None])
             row.target = _copy_image(row.target, out_dir / "images" / f"{row.name}_target.png")
             for stage in stages:
                 tokens = outputs[(stage, row.name)]

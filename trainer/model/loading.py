@@ -60,15 +60,14 @@ def load_pipeline(
 
 
 def load_transformer(config: TrainConfig, dtype: torch.dtype):
-    from diffusers import QwenImageTransformer2DModel
-
+    """The flavour's transformer class (`Flavour.transformer_class`) from the model's `transformer/` folder."""
     kwargs = {}
     if config.base_model_precision == "nf4-bnb":
         from trainer.model.quantization import bnb_quantization_config
 
         kwargs["quantization_config"] = bnb_quantization_config(config)
     with _safetensors_only(config):
-        return QwenImageTransformer2DModel.from_pretrained(
+        return config.flavour.transformer_cls().from_pretrained(
             config.model_path, subfolder="transformer", dtype=dtype, use_safetensors=True, **kwargs
         )
 

@@ -4,12 +4,15 @@ import torch
 import torch.nn.functional as F
 
 from trainer.data.caches import CachedSample
+from trainer.model import conditioning_21
 from trainer.model.conditioning import img_shapes, pack, unpack
 from trainer.training.flow_matching import add_noise, velocity_target
 
 
 def predict_velocity(transformer, sample: CachedSample, x_t: torch.Tensor, sigma: torch.Tensor, dtype) -> torch.Tensor:
-    """The transformer's velocity for the target tokens, called exactly as the pipeline's denoising step calls it."""
+    """The transformer's velocity for the target tokens (`pack`ed), called exactly as the pipeline's denoising step calls it."""
+    if sample.image_pad_mask is not None:  # edit-2.1: Qwen-Image-2.1's own sequence layout
+        return pack(conditioning_21.predict_velocity(transformer, sample, x_t, sigma, dtype))
     device = sigma.device
     noisy = pack(x_t)
     references = [pack(r[None].to(device, torch.float32)) for r in sample.references]

@@ -103,7 +103,7 @@ def test_tokenizer_is_deterministic():
 # --- the folder --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(FLAVOURS))
+@pytest.mark.parametrize("name", [name for name, flavour in FLAVOURS.items() if not flavour.is_21])  # 2.1: test_tiny_model_21
 def test_folder_loads_as_its_pipeline_class(pipes, tiny_dirs, name):
     pipe = pipes[name]
     assert type(pipe) is FLAVOURS[name].pipeline_cls()
