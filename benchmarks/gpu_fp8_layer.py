@@ -71,6 +71,36 @@ def layer_times(k: int, n: int, compiled: bool) -> dict[str, float]:
     return times
 
 
+def kernel_ms(fn, reps: int = 10) -> float:
+    """GPU kernel time per call (the profiler's own device time: no host launch gaps), ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / reps / 1e3
+
+
+def _quantize_bf16_amax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate: the row maximum taken on the bf16 values (exact: a maximum only selects), then one cast."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / 448.0
+    return (x.float() / scale).to(E4M3), scale
+
+
+def quantise_kernel_times(k: int) -> dict[str, float]:
+    x = torch.randn(TOKENS, k, device=DEVICE, dtype=torch.bfloat16)
+    variants = {
+        "quantise eager": quantize_rows,
+        "quantise compiled dynamic": torch.compile(quantize_rows, dynamic=True),
+        "quantise compiled static": torch.compile(quantize_rows, dynamic=False),
+        "quantise bf16-amax eager": _quantize_bf16_amax,
+        "quantise bf16-amax compiled": torch.compile(_quantize_bf16_amax, dynamic=False),
+    }
+    return {name: kernel_ms(lambda: fn(x)) for name, fn in variants.items()}
+
+
 def main() -> None:
     device = torch.cuda.get_device_name(0) if CUDA else "cpu"
     print(f"{device}, torch {torch.__version__}, {TOKENS} tokens; ms per call (TFLOP/s)")
@@ -80,6 +110,9 @@ def main() -> None:
         for case, ms in matmul_times(k, n).items():
             rate = f"{flops / ms / 1e9:.0f}" if "quantise" not in case else "-"
             print(f"{k}x{n} | {case} | {ms:.3f} | {rate}")
+        if CUDA:
+            for case, ms in quantise_kernel_times(k).items():
+                print(f"{k}x{n} | {case} (kernel time) | {ms:.3f} | -")
         for compiled in (False, True):
             for case, ms in layer_times(k, n, compiled).items():
                 label = f"{case} fwd+input-grad{' compiled' if compiled else ''}"

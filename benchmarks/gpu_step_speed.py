@@ -60,6 +60,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TINY = os.environ.get("TINY") == "1"
 MODEL = dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, axes_dims_rope=(8, 12, 12)) if TINY else {}
+if os.environ.get("BLOCKS"):  # full width, fewer blocks: for PROFILE runs (per-block kernels are the same)
+    MODEL = {**MODEL, "num_layers": int(os.environ["BLOCKS"])}
+PROFILE = [v for v in os.environ.get("PROFILE", "").split(",") if v]
 SELFTEST_MODEL = MODEL if TINY else dict(num_layers=3)  # full width, 3 blocks
 LATENT = 16 if TINY else 128  # latent side of a 1024x1024 image
 GiB = 2**30
@@ -191,6 +194,36 @@ def run_steps(recipe, samples, steps: int) -> dict:
     return {"s_per_step": statistics.median(steady), "intervals": intervals, "wall_s": wall, "losses": losses,
             "first_step_s": intervals[0], "new_graphs": after["graphs"] - before["graphs"],
             "graph_breaks": after["graph_breaks"]}
+
+
+KERNEL_KINDS = (("fp8 matmul", ("f8", "fp8", "e4m3", "scaled_mm")), ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+                ("bf16 matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet")), ("copies", ("memcpy", "memset", "copy")))
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in lower for m in marks)), "other (fused elementwise, reductions)")
+
+
+def profile_steps(recipe, sample, variant: str, out: Path, steps: int = 2) -> None:
+    """The GPU kernels of `steps` steps of `variant` (torch.profiler): the top kernels and the time by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run_steps(recipe, [sample], 1)  # warm
+    with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
+        run_steps(recipe, [sample], steps)
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or not CUDA]
+    own = "self_device_time_total" if CUDA else "self_cpu_time_total"  # CPU: a plumbing check only
+    total = sum(getattr(e, own) for e in kernels) or 1
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0) + getattr(e, own)
+    lines = [f"profile {variant}: {total / steps / 1e3:.1f} ms of kernels per step"]
+    lines += [f"  {kind}: {t / steps / 1e3:.1f} ms ({t / total:.0%})" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    for e in sorted(kernels, key=lambda e: -getattr(e, own))[:25]:
+        lines.append(f"    {getattr(e, own) / steps / 1e3:8.2f} ms  x{e.count // steps:<5} {e.key[:110]}")
+    (out / f"profile_{variant}.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 def _mark():
@@ -438,6 +471,8 @@ def main() -> None:
                 measure(recipe, variant, SHAPES if full else SHAPES[:1], files, workdir, rows, {})
                 if full:
                     rows[-len(SHAPES)]["transformer_only_s"] = transformer_only(recipe, files[SHAPES[0]])
+                if variant in PROFILE:
+                    profile_steps(recipe, files[SHAPES[0]], variant, out)
             except Exception as exc:  # report and go on
                 rows.append({"variant": variant, "error": f"{type(exc).__name__}: {exc}"[:2000]})
                 print(json.dumps(rows[-1]), flush=True)
