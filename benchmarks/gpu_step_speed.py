@@ -151,6 +151,7 @@ def make_recipe(variant: str, model, samples, workdir: Path):
     recipe.tags, recipe.manifest, recipe.data_version, recipe.samples = {}, None, "bench", list(samples)
     recipe.output_dir = workdir / "out"
     recipe.checkpoint_root = recipe.output_dir / "checkpoints"
+    recipe.notices, recipe.peak_memory_gib, recipe.step_ends = [], {}, []  # the rest of what __init__ sets
     recipe._check_caches = lambda: None
     recipe_module.load_transformer = lambda config, dtype: model
     recipe.setup()
