@@ -161,6 +161,7 @@ def h2d_gib_per_s() -> float:
 def write(info: dict, rows: list[dict]) -> None:
     out = os.environ.get("OUT")
     if out:
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "gpu_memory.json"), "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
 
