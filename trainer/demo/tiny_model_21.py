@@ -34,16 +34,17 @@ MIN_PIXELS_21, MAX_PIXELS_21 = 32 * 32, 16777216
 # A chat template that renders messages as Qwen3-VL's does (the pipeline only tokenizes its system
 # turn with it, to learn how many leading tokens to drop).
 CHAT_TEMPLATE_21 = (
+    # newlines as string literals: a literal newline beside `{%-` would be stripped
     "{%- for message in messages -%}"
-    "<|im_start|>{{ message['role'] }}\n"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- else -%}<|vision_start|><|image_pad|><|vision_end|>{%- endif -%}"
+    "{%- else -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "<|im_end|>\n"
+    "{{ '<|im_end|>\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
 
