@@ -1,6 +1,8 @@
 """Shared fixtures: a project root holding the tiny models and the demo dataset, built once."""
 
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,64 @@ def prepare_small_project(root: Path, demo_root: Path, **config):
     build_text_cache(manifest, project.dataset_config, project.config)
     build_vae_cache(manifest, project.dataset_config, project.config)
     return project
+
+
+# --- promotion (MLflow Model Registry): one project trained three times, each run registered and promoted ---
+
+# the second made worse on purpose (learning rate 0: the LoRA stays zero, its edits are the base's), the third
+# better than the first (lora_latent_mse, seeded: 1.42401, 1.42415, 1.42258 on the tiny edit-v2 model)
+PROMOTION_RUNS = (("first", {"learning_rate": 1e-3}), ("worse", {"learning_rate": 0.0}), ("better", {"learning_rate": 1e-2}))
+
+
+@contextmanager
+def tracking_uri_env(uri: str):
+    """MLFLOW_TRACKING_URI set to `uri` for the block (the trainer and tracking_uri() read it), restored after."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI") if saved is None else os.environ.__setitem__("MLFLOW_TRACKING_URI", saved)
+
+
+def train_and_promote(project, run_name: str, uri: str, **settings):
+    """What `qwen-edit train` does after the data check and caches, in this process: train `project` (with
+    `settings`) in its run folder `run_name`, validate, log the report to the MLflow run, register and promote.
+    Returns the Promotion and the registered model's aliases right after it ({alias: version})."""
+    from dataclasses import replace
+
+    from mlflow.tracking import MlflowClient
+
+    from trainer.evaluation.validation import log_to_mlflow, run_validation
+    from trainer.run_folders import point_latest
+    from trainer.tracking.registry import promote_run
+    from trainer.training.recipe import run_training
+    from trainer.workflow import load_manifest
+
+    with tracking_uri_env(uri):
+        run = project.for_run(run_name)
+        run = replace(run, config=run.config.model_copy(update=settings))
+        result = run_training(run.config, run.dataset_config, project.manifest_path, run.root, tags={"team": "tests"})
+        point_latest(run.runs_dir, run.output_dir)  # as trainer.train does after training
+        report = run_validation(run.config, load_manifest(project), run.lora_dir, run.validation_dir)
+        log_to_mlflow(report, result.mlflow_run_id, uri, step=result.steps)
+        promotion = promote_run(run.output_dir, run.config, uri)
+    aliases = {alias: str(version) for alias, version in MlflowClient(uri).get_registered_model(promotion.model_name).aliases.items()}
+    return promotion, aliases
+
+
+@dataclass
+class PromotedRuns:
+    project: object  # trainer.workflow.Project (report_to mlflow)
+    uri: str
+    steps: list  # (Promotion, aliases after it) per PROMOTION_RUNS entry
+
+
+@pytest.fixture(scope="session")
+def promoted_runs(demo_root, tmp_path_factory) -> PromotedRuns:
+    """PROMOTION_RUNS of one small edit-v2 project on an embedded sqlite store, in order."""
+    base = tmp_path_factory.mktemp("promotion")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    with tracking_uri_env(uri):
+        project = prepare_small_project(base / "project", demo_root, report_to="mlflow", tracker_project_name="promotion-demo")
+    return PromotedRuns(project, uri, [train_and_promote(project, name, uri, **settings) for name, settings in PROMOTION_RUNS])

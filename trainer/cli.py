@@ -5,6 +5,8 @@
     qwen-edit train --config config.json --data multidatabackend.json [--set learning_rate=1e-4]
     qwen-edit check --config config.json            # validate config + data, nothing else
     qwen-edit compare --last 5                      # the latest MLflow runs side by side
+    qwen-edit promote --config config.json          # register the latest run's LoRA, champion or challenger
+    qwen-edit champion --config config.json         # the registered model's champion and challenger
     qwen-edit demo-setup                            # tiny models + demo dataset under ./demo
     qwen-edit tiny-model OUT_DIR --flavour edit-v2        # or edit-v1, edit-v3, edit-2.1
 """
@@ -169,10 +171,125 @@ def cmd_train(args) -> int:
     print(f"LoRA: {summary['lora_path']}\nvalidation report: {report.html_path}")
     print(f"{FINAL_LOSS}: {summary[FINAL_LOSS]:.5f} over {summary['steps']} steps")
     print("validation means:\n" + "\n".join(f"  {line}" for line in means_table(report.summary)))
+    if (memory := peak_memory_line(caches, summary.get("peak_memory_gib", {}), report.peak_memory_gib)) is not None:
+        print(memory)
     if summary.get("mlflow_run_url"):
         print(f"MLflow run: {summary['mlflow_run_url']}")
+        _promote_after_training(run)
     print(f"latest run: {run.runs_dir / 'latest'} -> {run.run_name}")
     return 0
+
+
+def _promote_after_training(run) -> None:
+    """Every trained, validated LoRA becomes a registered version; a registry that does not answer is a
+    warning (training and validation are done), with the command that registers it later."""
+    from trainer.tracking.registry import RegistryError, promote_run
+    from trainer.tracking.store import tracking_uri
+
+    try:
+        promotion = promote_run(run.output_dir, run.config, tracking_uri(run.root))
+    except RegistryError as exc:
+        print(f"warning: the LoRA is not registered ({exc}); `qwen-edit promote --config {run.config_path} --run "
+              f"{run.output_dir}` registers it once MLflow answers", file=sys.stderr)
+        return
+    print(f"promotion: {promotion.message()}\nregistered model version: {promotion.new.url}")
+
+
+def run_folder(project, run: str | None) -> Path:
+    """`--run`: a run folder, or the name of one under output_dir; default output_dir/latest."""
+    from trainer.run_folders import LATEST
+
+    output_dir = project.output_dir
+    candidates = [output_dir / LATEST] if run is None else [Path(run), output_dir / run]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    finished = sorted(p.parent.name for p in output_dir.glob("*/training_summary.json")) if output_dir.is_dir() else []
+    known = f"run folders there: {', '.join(finished)}" if finished else "none has finished training yet"
+    what = "no latest run" if run is None else f"no run folder {run!r}"
+    raise QwenEditError(f"{what} under {output_dir} ({known}); train one, or name one with --run NAME_OR_FOLDER")
+
+
+def cmd_promote(args) -> int:
+    from trainer.tracking.registry import promote_run
+    from trainer.tracking.store import redact_url, tracking_uri
+
+    project, _ = _load(args)
+    folder = run_folder(project, args.run)
+    uri = args.tracking_uri or tracking_uri(project.root)
+    promotion = promote_run(folder, project.config, uri)
+    print(f"run {folder.name}: {folder}\nregistered model {promotion.model_name!r} at {redact_url(uri)}")
+    print(f"rule: {promotion.rule.describe()}")
+    print(f"{'registered' if promotion.registered else 'already registered:'} version {promotion.new.version}")
+    print(f"decision: {promotion.decision.alias} ({promotion.decision.reason})")
+    views = [("new", promotion.new)] + ([("champion before", promotion.previous_champion)] if promotion.previous_champion else [])
+    for line in version_lines(views, promotion.rule):
+        print(line)
+    print(f"MLflow: {promotion.model_url}")
+    return 0
+
+
+def cmd_champion(args) -> int:
+    from trainer.tracking.promotion import CHALLENGER, CHAMPION, PromotionRule
+    from trainer.tracking.registry import model_url, standing
+    from trainer.tracking.store import redact_url, tracking_uri
+
+    root = Path(args.root).resolve()
+    config = configured_config(args.config, root, args.preset)
+    name = args.model or config.model_registry_name
+    uri = args.tracking_uri or tracking_uri(root)
+    champion, challenger = standing(uri, name)
+    rule = PromotionRule.from_config(config)
+    print(f"registered model {name!r} at {redact_url(uri)}\nrule: {rule.describe()}")
+    views = [(alias, view) for alias, view in ((CHAMPION, champion), (CHALLENGER, challenger)) if view is not None]
+    if champion is None:
+        print(f"no {CHAMPION} yet: `qwen-edit promote` decides for a trained, validated run")
+    for line in version_lines(views, rule):
+        print(line)
+    print(f"MLflow: {model_url(uri, name)}")
+    return 0
+
+
+def version_lines(views: list, rule) -> list[str]:
+    """One line per version (alias, version, run, the deciding metric, its MLflow page), then the LoRA's
+    validation means side by side."""
+    import time
+
+    lines = []
+    for alias, view in views:
+        value = view.value(rule)
+        shown = "none" if value is None else f"{value:.6g}"
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(view.created_ms / 1000)) if view.created_ms else "?"
+        lines.append(f"{alias}: version {view.version} (run {view.run_name}, registered {created}), "
+                     f"{rule.metric} {shown}: {view.url}")
+    keys = sorted({k for _, view in views for k in view.metrics if k.startswith("validation_lora_")})
+    if keys:
+        width = max(len(k) for k in keys) - len("validation_") + 2
+        lines.append("")
+        lines.append("metric".ljust(width) + "".join(f"{alias + ' v' + view.version:>22}" for alias, view in views))
+        for key in keys:
+            name = key.removeprefix("validation_")
+            cells = "".join(f"{view.metrics[key]:>22.6g}" if key in view.metrics else " " * 22 for _, view in views)
+            lines.append(name.ljust(width) + cells + ("   <- decides" if name == rule.metric else ""))
+    return lines
+
+
+def configured_config(config: Path | None, root: Path, preset: str | None = None):
+    """The training config of example=NAME or --config, else $QWEN_EDIT_CONFIG (the Dagster project's), else the defaults."""
+    import os
+
+    from trainer.config.parsing import load_train_config
+    from trainer.config.schema import TrainConfig
+    from trainer.workflow import example_paths
+
+    if preset:
+        if not preset.startswith("example="):
+            raise QwenEditError(f"unexpected argument {preset!r}; did you mean example={preset}?")
+        return load_train_config(example_paths(preset.split("=", 1)[1])[0])
+    path = config or (Path(os.environ["QWEN_EDIT_CONFIG"]) if os.environ.get("QWEN_EDIT_CONFIG") else None)
+    if path is None:
+        return TrainConfig()
+    return load_train_config(path if path.is_absolute() else root / path)
 
 
 def cmd_tiny_model(args) -> int:
@@ -275,6 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the store under --root")
     sync.add_argument("--root", type=Path, default=Path.cwd(), help="project folder holding mlruns/ (default: working directory)")
     sync.set_defaults(func=cmd_mlflow_sync)
+    promote = commands.add_parser("promote", help="register a trained, validated run's LoRA in the MLflow Model "
+                                  "Registry; champion if it beats the champion, else challenger")
+    _project_args(promote)
+    promote.add_argument("--run", metavar="NAME_OR_FOLDER", help="the run folder, or its name under output_dir "
+                         "(default: output_dir/latest)")
+    promote.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the store under --root")
+    promote.set_defaults(func=cmd_promote)
+    champion = commands.add_parser("champion", help="the registered model's champion and challenger with their metrics")
+    champion.add_argument("preset", nargs="?", help="example=NAME, a bundled preset")
+    champion.add_argument("--config", type=Path, help="config.json (registered_model_name / tracker_project_name, "
+                          "the promotion rule; default $QWEN_EDIT_CONFIG)")
+    champion.add_argument("--model", help="the registered model's name (default: the config's)")
+    champion.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the store under --root")
+    champion.add_argument("--root", type=Path, default=Path.cwd(), help="project folder holding mlruns/ (default: working directory)")
+    champion.set_defaults(func=cmd_champion)
     demo = commands.add_parser("demo-setup", help="tiny models and the demo dataset under ./demo")
     demo.add_argument("--root", type=Path, default=Path.cwd())
     demo.set_defaults(func=cmd_demo_setup)

@@ -25,6 +25,8 @@ LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
 Optimizer = Literal["adamw", "adamw_bf16", "adamw8bit"]
+# validation means of the LoRA (trainer.evaluation.validation's report summary) a promotion can compare
+PromotionMetric = Literal["lora_latent_mse", "lora_psnr", "lora_ssim", "lora_edit_success", "lora_preservation", "lora_pixel_shift"]
 
 
 # Bounds beyond the Field ones: past them a value fails later (an overflow, a C integer, memory), so
@@ -335,6 +337,37 @@ class TrainConfig(BaseModel):
     report_to: Literal["mlflow", "none"] = Field("mlflow", description="`mlflow` or `none`")
     tracker_project_name: str = Field("qwen-edit", description="MLflow experiment")
     tracker_run_name: str | None = Field(None, description="MLflow run name")
+    # promotion (trainer.tracking.registry): every validated LoRA becomes a version of this registered model
+    registered_model_name: str | None = Field(
+        None,
+        description=(
+            "MLflow registered model that holds the project's LoRAs, one version per validated training run "
+            "(default: tracker_project_name, with `/` and `:` as `-`)"
+        ),
+    )
+    promotion_metric: PromotionMetric = Field(
+        "lora_latent_mse",
+        description=(
+            "validation mean that decides whether a new version takes the `champion` alias: `lora_latent_mse` "
+            "(meaningful even for random-weight models), `lora_psnr`, `lora_ssim`, `lora_edit_success`, "
+            "`lora_preservation`, `lora_pixel_shift`"
+        ),
+    )
+    promotion_direction: Literal["auto", "higher", "lower"] = Field(
+        "auto",
+        description=(
+            "which way promotion_metric is better: `auto` (the metric's own: lower for latent_mse and pixel_shift, "
+            "higher for the PSNRs and SSIM), `higher` or `lower`"
+        ),
+    )
+    promotion_margin: float = Field(
+        0.0, ge=0,
+        description=(
+            "how much better than the champion, in promotion_metric's unit, a new version must be to take `champion` "
+            "(else it gets `challenger`)"
+        ),
+    )
+
 
     _notes: tuple[str, ...] = PrivateAttr(default=())  # SimpleTuner keys read without effect
 
@@ -358,6 +391,13 @@ class TrainConfig(BaseModel):
     def _experiment_name(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the MLflow experiment name cannot be empty")
+        return value
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "/" in value or ":" in value):
+            raise ValueError("an MLflow registered model name must be non-empty and contain no '/' or ':'")
         return value
 
     @field_validator("validation_resolution", mode="before")
@@ -437,6 +477,11 @@ class TrainConfig(BaseModel):
     @property
     def model_path(self) -> str:
         return self.pretrained_model_name_or_path or self.flavour.default_model
+
+    @property
+    def model_registry_name(self) -> str:
+        """The registered model of the project's LoRAs: registered_model_name, else tracker_project_name."""
+        return self.registered_model_name or self.tracker_project_name.replace("/", "-").replace(":", "-")
 
     @property
     def lora_scale_alpha(self) -> float:
