@@ -41,10 +41,10 @@ QUANTO_GROUP = 128  # int4/int2: a scale and a shift per group of 128 inputs
 BNB_BLOCK = 64  # nf4: an fp32 absmax per 64 weights
 
 
-def linear_bytes(in_features: int, out_features: int, precision: str, full_precision_bytes: int = 2) -> float:
-    """One linear layer (weight, its scales, a full-precision bias) at `precision`."""
+def linear_bytes(in_features: int, out_features: int, precision: str, full_precision_bytes: int = 2, bias: bool = True) -> float:
+    """One linear layer (weight, its scales, a full-precision bias unless `bias` is False) at `precision`."""
     weights = in_features * out_features
-    bias = out_features * full_precision_bytes
+    bias = out_features * full_precision_bytes if bias else 0
     if precision == "no_change":
         return weights * full_precision_bytes + bias
     stored = weights * WEIGHT_BYTES[precision]
@@ -61,18 +61,23 @@ def linear_bytes(in_features: int, out_features: int, precision: str, full_preci
 
 @dataclass(frozen=True)
 class TransformerShape:
-    """QwenImageTransformer2DModel's sizes (the defaults are the released 20B model's)."""
+    """QwenImageTransformer2DModel's sizes (the defaults are the released 20B model's); with
+    `single_stream`, QwenImage21Transformer2DModel's (edit-2.1: `QWEN_IMAGE_21`)."""
 
     num_layers: int = 60
     attention_head_dim: int = 128
     num_attention_heads: int = 24
-    joint_attention_dim: int = 3584
+    joint_attention_dim: int = 3584  # 2.1: context_in_dim
     in_channels: int = 64
     out_channels: int = 16
     patch_size: int = 2
+    single_stream: bool = False  # Qwen-Image-2.1: one stream, no biases, one shared modulation, SwiGLU MLP
+    mlp_ratio: int = 4
 
     @classmethod
     def from_config(cls, config: dict) -> "TransformerShape":
+        if "context_in_dim" in config:  # a QwenImage21Transformer2DModel config
+            config = {**config, "joint_attention_dim": config["context_in_dim"], "single_stream": True}
         return cls(**{k: config[k] for k in cls.__dataclass_fields__ if config.get(k) is not None})
 
     @property
@@ -82,25 +87,39 @@ class TransformerShape:
     def block_linears(self) -> list[tuple[int, int]]:
         """(in, out) of each linear layer of one block."""
         d = self.dim
+        if self.single_stream:  # q, k, v, out; SwiGLU proj, gate and out
+            hidden = self.mlp_ratio * d
+            return [(d, d)] * 4 + [(d, hidden), (d, hidden), (hidden, d)]
         mods = [(d, 6 * d)] * 2  # img_mod, txt_mod
         attention = [(d, d)] * 8  # q, k, v and out of both streams
         mlps = [(d, 4 * d), (4 * d, d)] * 2
         return mods + attention + mlps
 
     def block_bytes(self, precision: str, full_precision_bytes: int = 2) -> float:
-        linears = sum(linear_bytes(i, o, precision, full_precision_bytes) for i, o in self.block_linears())
-        norms = 4 * self.attention_head_dim * full_precision_bytes  # q/k RMSNorm weights of both streams
+        bias = not self.single_stream
+        linears = sum(linear_bytes(i, o, precision, full_precision_bytes, bias) for i, o in self.block_linears())
+        streams = 1 if self.single_stream else 2
+        norms = 2 * streams * self.attention_head_dim * full_precision_bytes  # q/k RMSNorm weights of each stream
         return linears + norms
 
     def edge_bytes(self, full_precision_bytes: int = 2) -> float:
         d = self.dim
+        if self.single_stream:  # img_in, txt_in (2 layers + norm), time embedder, shared modulation, norm_out, proj_out
+            linears = [(self.in_channels * self.patch_size**2, d), (self.joint_attention_dim, d), (d, d), (256, d), (d, d),
+                       (d, 4 * d), (d, d), (d, self.patch_size**2 * self.out_channels)]
+            return sum(i * o for i, o in linears) * full_precision_bytes + self.joint_attention_dim * full_precision_bytes
         linears = [(self.in_channels, d), (self.joint_attention_dim, d), (256, d), (d, d), (d, 2 * d),
                    (d, self.patch_size**2 * self.out_channels)]
         return sum((i + 1) * o for i, o in linears) * full_precision_bytes + self.joint_attention_dim * full_precision_bytes
 
     def lora_params(self, rank: int) -> int:
-        attention = [(i, o) for i, o in self.block_linears()[2:10]]  # the LoRA targets (lora.TARGET_MODULES)
+        # the LoRA targets (lora.TARGET_MODULES): the attention projections, of both streams where there are two
+        attention = self.block_linears()[:4] if self.single_stream else self.block_linears()[2:10]
         return self.num_layers * sum((i + o) * rank for i, o in attention)
+
+
+# QwenImage21Transformer2DModel's defaults: the released Qwen-Image-2.1 (7B, 32 single-stream blocks)
+QWEN_IMAGE_21 = TransformerShape(32, 128, 32, 4096, 64, 64, 1, single_stream=True, mlp_ratio=3)
 
 
 @dataclass(frozen=True)
@@ -133,9 +152,13 @@ def sample_shape(flavour, target_size: tuple[int, int], n_references: int, match
 
     edit-v1: the reference at ~1 MP feeds the VAE and the VL encoder (28-px vision patches after
     merging); edit-v2/v3: the VL encoder sees each reference at ~384^2, the VAE at ~1 MP or, with
-    match_target_res, at the target's size.
+    match_target_res, at the target's size; edit-2.1: each reference at the target's area, its VL
+    image slots taken by its latent tokens (16x VAE, unpatched: the same count as 8x + 2x2).
     """
     width, height = target_size
+    if flavour.is_21:
+        side = max(32, int(math.sqrt(width * height)) // 32 * 32)
+        return SequenceShape(tokens_of(width, height), tuple(tokens_of(side, side) for _ in range(n_references)), caption_tokens)
     vae_area = width * height if (flavour.is_plus and match_target_res) else 1024 * 1024
     side = int(math.sqrt(vae_area)) // 32 * 32
     vision_area = 384 * 384 if flavour.is_plus else 1024 * 1024
@@ -225,7 +248,8 @@ def fewest_blocks_to_swap(config: TrainConfig, shape: SequenceShape, card_gb: fl
 
 
 def transformer_shape(config: TrainConfig) -> TransformerShape:
-    """The transformer's sizes from its config.json when the model is on disk, else the 20B model's."""
+    """The transformer's sizes from its config.json when the model is on disk, else the released model's
+    (the 20B MMDiT, or Qwen-Image-2.1's for edit-2.1)."""
     import json
     from pathlib import Path
 
@@ -237,8 +261,8 @@ def transformer_shape(config: TrainConfig) -> TransformerShape:
 
         path = hf_hub_download(config.model_path, "transformer/config.json", local_files_only=True)
         return TransformerShape.from_config(json.loads(Path(path).read_text()))
-    except Exception:  # not in the local cache: the released models all share the 20B shape
-        return TransformerShape()
+    except Exception:  # not in the local cache: the released Edit models all share the 20B shape
+        return QWEN_IMAGE_21 if config.flavour.is_21 else TransformerShape()
 
 
 def largest_training_shape(manifest, dataset_config, config: TrainConfig) -> SequenceShape:
@@ -260,6 +284,9 @@ def check_report(config: TrainConfig, shape: SequenceShape, card_gb: float | Non
     model = model or transformer_shape(config)
     estimate = estimate_training_memory(config, shape, model)
     lines = estimate.lines()
+    if model.single_stream:
+        lines.append("  (Qwen-Image-2.1: its weights are counted exactly, but the per-token activation factors were "
+                     "fitted on the 20B MMDiT, not measured on this model)")
     if card_gb is None:
         lines.append("  (give --gpu-memory GB to compare with a card)")
         return lines

@@ -105,3 +105,11 @@ def test_transparency_is_kept_for_the_vae_and_the_notes_say_what_each_flavour_do
     assert flattened.mode == "RGB" and np.asarray(flattened)[0, 0].tolist() == [255, 255, 255]
     opaque = load_image(demo.folder("train", "edited") / "0001.png", keep_alpha=True)
     assert opaque.mode == "RGBA" and np.asarray(opaque)[..., 3].min() == 255  # no alpha: opaque, as the pipeline's convert
+
+
+def test_match_target_res_is_refused_for_edit_2_1_which_always_matches():
+    from trainer.config.parsing import parse_train_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_train_config({"model_flavour": "edit-2.1", "model_kwargs": {"match_target_res": True}})
+    assert "edit-2.1 always gives its references the target's area" in str(info.value)

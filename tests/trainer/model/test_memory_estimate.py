@@ -123,3 +123,46 @@ def test_the_training_process_starts_with_expandable_segments_unless_the_user_ch
     assert training_env(project)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     assert training_env(project)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+
+
+@pytest.fixture(scope="module")
+def tiny_21():
+    from trainer.demo.tiny_model_21 import transformer_21
+
+    torch.manual_seed(0)
+    return transformer_21()
+
+
+@pytest.mark.parametrize("precision", ["no_change", "int8-quanto"])
+def test_edit_2_1_block_bytes_and_lora_size_are_those_of_qwen_image_21s_layers(tiny_21, precision):
+    """The single-stream block (no biases, SwiGLU, no per-block modulation) and its attention-only LoRA."""
+    import copy
+
+    from trainer.model.block_swap import frozen_leaf_tensors
+    from trainer.model.lora import add_lora
+
+    model = copy.deepcopy(tiny_21)
+    if precision != "no_change":
+        import optimum.quanto as quanto
+
+        from trainer.model.quantization import KEEP_FULL_PRECISION
+
+        quanto.quantize(model, weights=quanto.qint8, exclude=KEEP_FULL_PRECISION)
+        quanto.freeze(model)
+    model.requires_grad_(False)
+    shape = TransformerShape.from_config(dict(model.config))
+    assert shape.single_stream and shape.mlp_ratio == 3 and shape.joint_attention_dim == 32
+    real = sum(t.numel() * t.element_size() for t in frozen_leaf_tensors(model.transformer_blocks[0]))
+    assert shape.block_bytes(precision, full_precision_bytes=4) == pytest.approx(real, rel=0.01)
+    params = add_lora(copy.deepcopy(tiny_21), 4, 4.0, seed=0)
+    assert shape.lora_params(4) == sum(p.numel() for p in params)
+
+
+def test_edit_2_1_samples_count_every_reference_at_the_targets_area():
+    from trainer.model.flavours import FLAVOURS
+    from trainer.model.memory_estimate import QWEN_IMAGE_21, sample_shape
+
+    shape = sample_shape(FLAVOURS["edit-2.1"], (1024, 768), 10)
+    assert shape.target_tokens == 64 * 48 and shape.reference_tokens == (54 * 54,) * 10 and shape.text_tokens == 100
+    assert QWEN_IMAGE_21.lora_params(1) == 32 * 4 * 2 * 4096  # q, k, v, out of 32 blocks, rank 1
+    assert "not measured on this model" in "\n".join(check_report(config(model_flavour="edit-2.1"), shape, None, QWEN_IMAGE_21))
