@@ -56,21 +56,30 @@ def training_overrides_class(config: TrainConfig) -> type[TrainingOverridesBase]
     return create_model("TrainingOverrides", __base__=TrainingOverridesBase, **fields)
 
 
-def run_overrides(context: dg.AssetExecutionContext, config: TrainConfig) -> dict[str, Any]:
-    """The overrides this run's Launchpad config gives `trained_lora`, for any asset of the run: the keys
-    set there whose values differ from `config` (the project's config, loaded as the run started)."""
-    given = ((context.run.run_config.get("ops") or {}).get(OVERRIDE_OP) or {}).get("config") or {}
+def run_overrides(context: dg.AssetExecutionContext, config: TrainConfig, op_name: str = OVERRIDE_OP) -> dict[str, Any]:
+    """The overrides this run's Launchpad config gives `trained_lora` (its op `op_name`: a project of a projects
+    folder has its name in front), for any asset of the run: the keys set there whose values differ from
+    `config` (the project's config, loaded as the run started)."""
+    given = ((context.run.run_config.get("ops") or {}).get(op_name) or {}).get("config") or {}
     return {key: value for key, value in given.items() if key in OVERRIDE_KEYS and value != getattr(config, key)}
 
 
-def load_for_run(context: dg.AssetExecutionContext, project, overrides: dict[str, Any] | None = None):
-    """The project as this run sees it (its Launchpad overrides applied). A bad config or override is a
-    Failure carrying the trainer's one message (key, value, fix), not a traceback."""
+def load_for_run(
+    context: dg.AssetExecutionContext,
+    project,
+    overrides: dict[str, Any] | None = None,
+    op_name: str = OVERRIDE_OP,
+    point: dict[str, Any] | None = None,
+):
+    """The project as this run sees it: `overrides`, or else the sweep `point`'s and the Launchpad's overrides
+    applied. A bad config or override is a Failure carrying the trainer's one message (key, value, fix),
+    not a traceback."""
     from trainer.errors import QwenEditError
 
     try:
         base = project.load()
-        overrides = run_overrides(context, base.config) if overrides is None else overrides
+        if overrides is None:
+            overrides = {**(point or {}), **run_overrides(context, base.config, op_name)}
         return project.load(overrides) if overrides else base
     except QwenEditError as exc:
         raise dg.Failure(description=str(exc)) from None

@@ -4,6 +4,7 @@ A `Project` is a loaded, validated config + dataset config with the folders they
 each stage is a plain function of it, so Dagster assets stay thin wrappers.
 """
 
+import json
 import os
 import shlex
 import subprocess
@@ -169,7 +170,8 @@ def training_command(
     if project.run_name is not None:
         command += ["--run-name", project.run_name]
     for key, value in (overrides or {}).items():
-        command += ["--set", f"{key}={value}"]
+        # JSON for anything but text, as parse_override reads it back: true, null (not Python's True, None)
+        command += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     for key, value in (tags or {}).items():
         command += ["--tag", f"{key}={value}"]
     return command

@@ -5,27 +5,45 @@ import pandas as pd
 
 from qwen_edit_assets.launchpad import load_for_run
 from qwen_edit_assets.metadata import readable_size
-from qwen_edit_assets.resources import QwenEditProject
+from qwen_edit_assets.scope import SINGLE, ProjectScope
 
 GROUP = "caches"
+TEXT_DESCRIPTION = (
+    "Qwen2.5-VL prompt embeddings computed as the diffusers pipeline's encode_prompt does (edit-v1: the "
+    "conditioning image embeds), one safetensors file per sample; only new or changed pairs are encoded."
+)
+VAE_DESCRIPTION = (
+    "Normalised VAE latents of each target (at its bucket size) and its references, one safetensors file "
+    "per sample; only new or changed pairs are encoded, removed pairs are pruned."
+)
 
 
-def _cache_asset(kind: str, name: str, description: str) -> dg.AssetsDefinition:
+def cache_assets(scope: ProjectScope = SINGLE) -> list[dg.AssetsDefinition]:
+    """text_embeds and vae_latents of one project: never partitioned, a sweep's points all read them."""
+    return [_cache_asset("text", "text_embeds", TEXT_DESCRIPTION, scope), _cache_asset("vae", "vae_latents", VAE_DESCRIPTION, scope)]
+
+
+def _cache_asset(kind: str, name: str, description: str, scope: ProjectScope = SINGLE) -> dg.AssetsDefinition:
     check = f"{name}_match_manifest"
+    key = scope.key(name)
 
     @dg.asset(
-        name=name,
-        group_name=GROUP,
-        pool="gpu",
+        key=key,
+        group_name=scope.group(GROUP),
+        pool=scope.pool,
+        ins={"pairing_manifest": dg.AssetIn(key=scope.key("pairing_manifest"))},
+        required_resource_keys={scope.resource_key},
+        tags=scope.tags,
         kinds={"pytorch", "safetensors"},
         description=description,
-        check_specs=[dg.AssetCheckSpec(check, asset=name, description="every manifest row has an up-to-date cache file")],
+        check_specs=[dg.AssetCheckSpec(check, asset=key, description="every manifest row has an up-to-date cache file")],
     )
-    def cache_asset(context: dg.AssetExecutionContext, project: QwenEditProject, pairing_manifest: pd.DataFrame):
+    def cache_asset(context: dg.AssetExecutionContext, pairing_manifest: pd.DataFrame):
         from trainer.data.caches import build_text_cache, build_vae_cache, verify_cache
         from trainer.data.versions import cache_version
 
-        loaded = load_for_run(context, project)  # e.g. the Launchpad's flavour: the caches the training reads
+        # e.g. the Launchpad's flavour: the caches the training reads
+        loaded = load_for_run(context, scope.project(context), op_name=scope.op_name("trained_lora"))
         build = build_text_cache if kind == "text" else build_vae_cache
         stats = build(pairing_manifest, loaded.dataset_config, loaded.config)
         context.log.info(f"{name}: {stats.encoded} encoded, {stats.reused} reused, {stats.pruned} pruned")
@@ -49,15 +67,4 @@ def _folders_size(folders) -> int:
     return sum(p.stat().st_size for folder in folders for p in Path(folder).glob("*.safetensors") if p.is_file())
 
 
-text_embeds = _cache_asset(
-    "text",
-    "text_embeds",
-    "Qwen2.5-VL prompt embeddings computed as the diffusers pipeline's encode_prompt does (edit-v1: the "
-    "conditioning image embeds), one safetensors file per sample; only new or changed pairs are encoded.",
-)
-vae_latents = _cache_asset(
-    "vae",
-    "vae_latents",
-    "Normalised VAE latents of each target (at its bucket size) and its references, one safetensors file "
-    "per sample; only new or changed pairs are encoded, removed pairs are pruned.",
-)
+text_embeds, vae_latents = cache_assets(SINGLE)  # the single project's

@@ -9,7 +9,7 @@ import dagster as dg
 import pandas as pd
 
 from qwen_edit_assets.launchpad import load_for_run
-from qwen_edit_assets.resources import QwenEditProject
+from qwen_edit_assets.scope import SINGLE, ProjectScope
 
 GROUP = "data"
 PAIRS_COMPLETE = "pairs_complete"
@@ -36,10 +36,14 @@ def manifest_schema() -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name, kind, description) for name, (kind, description) in COLUMNS.items()])
 
 
-def pairing_manifest_asset(raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
+def pairing_manifest_asset(raw_keys: list[dg.AssetKey], scope: ProjectScope = SINGLE) -> dg.AssetsDefinition:
+    key = scope.key("pairing_manifest")
+
     @dg.asset(
-        name="pairing_manifest",
-        group_name=GROUP,
+        key=key,
+        group_name=scope.group(GROUP),
+        required_resource_keys={scope.resource_key},
+        tags=scope.tags,
         deps=raw_keys,
         kinds={"pandas", "pandera"},
         description="One row per training sample: target, caption and same-named references, validated "
@@ -49,24 +53,24 @@ def pairing_manifest_asset(raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
         metadata={"dagster/column_schema": manifest_schema()},
         check_specs=[
             dg.AssetCheckSpec(
-                PAIRS_COMPLETE, asset="pairing_manifest", blocking=True,
+                PAIRS_COMPLETE, asset=key, blocking=True,
                 description="Every target has a same-named file in each conditioning dataset, a caption and "
                 "readable images. Blocking: on a failure its metadata lists every problem and nothing downstream runs.",
             ),
             dg.AssetCheckSpec(
-                NO_ORPHANS, asset="pairing_manifest", blocking=False,
+                NO_ORPHANS, asset=key, blocking=False,
                 description="Every reference image has a target of the same name (a reference without one is "
                 "never trained on: usually a misnamed or deleted target). A warning, not a stop.",
             ),
         ],
     )
-    def pairing_manifest(context: dg.AssetExecutionContext, project: QwenEditProject):
+    def pairing_manifest(context: dg.AssetExecutionContext):
         from trainer.data.pairing import PairingError
         from trainer.data.versions import manifest_version
         from trainer.errors import QwenEditError
         from trainer.workflow import check_data
 
-        loaded = load_for_run(context, project)
+        loaded = load_for_run(context, scope.project(context), op_name=scope.op_name("trained_lora"))
         for note in loaded.notes:
             context.log.info(note)
         try:

@@ -14,12 +14,13 @@ import dagster as dg
 
 from qwen_edit_assets.metadata import readable_size, thumbnail_markdown
 from qwen_edit_assets.resources import QwenEditProject
+from qwen_edit_assets.scope import SINGLE, ProjectScope
 
 GROUP = "raw_datasets"
 
 
-def raw_asset_key(dataset_id: str) -> dg.AssetKey:
-    return dg.AssetKey(["raw", dataset_id.replace("-", "_")])
+def raw_asset_key(dataset_id: str, scope: ProjectScope = SINGLE) -> dg.AssetKey:
+    return scope.key("raw", dataset_id.replace("-", "_"))
 
 
 def folder_version(folder: Path) -> str:
@@ -53,27 +54,28 @@ def observe_folder(folder: Path) -> dg.ObserveResult:
     )
 
 
-def raw_dataset_asset(dataset_id: str, dataset_type: str, folder_hint: str) -> dg.SourceAsset:
-    def raw_dataset(context, project: QwenEditProject) -> dg.ObserveResult:
-        loaded = project.load()
+def raw_dataset_asset(dataset_id: str, dataset_type: str, folder_hint: str, scope: ProjectScope = SINGLE) -> dg.SourceAsset:
+    def raw_dataset(context) -> dg.ObserveResult:
+        loaded = scope.project(context).load()
         entry = loaded.dataset_config.by_id(dataset_id)
         return observe_folder(loaded.dataset_config.resolve(entry.instance_data_dir))
 
     with warnings.catch_warnings():  # observable source assets are beta in Dagster 1.13: chosen knowingly, said once here
         warnings.simplefilter("ignore", dg.BetaWarning)
         return dg.observable_source_asset(
-            key=raw_asset_key(dataset_id),
-            group_name=GROUP,
+            key=raw_asset_key(dataset_id, scope),
+            group_name=scope.group(GROUP),
+            required_resource_keys={scope.resource_key},
             description=f"The {dataset_type} dataset {dataset_id!r} ({folder_hint}) as it is on disk; its data version "
             "changes with any file added, removed or rewritten.",
-            tags={"dagster/kind/files": ""},
+            tags={"dagster/kind/files": "", **scope.tags},
         )(raw_dataset)
 
 
-def raw_dataset_assets(project: QwenEditProject) -> list[dg.SourceAsset]:
+def raw_dataset_assets(project: QwenEditProject, scope: ProjectScope = SINGLE) -> list[dg.SourceAsset]:
     loaded = project.load()
     return [
-        raw_dataset_asset(entry.id, entry.dataset_type, entry.instance_data_dir)
+        raw_dataset_asset(entry.id, entry.dataset_type, entry.instance_data_dir, scope)
         for entry in loaded.dataset_config.entries
         if entry.dataset_type in ("image", "conditioning") and not entry.disabled
     ]

@@ -101,7 +101,12 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
         raw = _strip_cli_prefix(raw)
         for key, value in overrides.items():
             _set_dotted(raw, key, value)
-    return parse_train_config(raw, source=str(path))
+    config = parse_train_config(raw, source=str(path))
+    if config.sweep:  # each point as `--set` would give it: a bad value fails here, not in its training run
+        from trainer.config.sweep import check_points
+
+        check_points(raw, config.sweep, str(path))
+    return config
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

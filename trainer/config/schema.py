@@ -368,6 +368,25 @@ class TrainConfig(BaseModel):
         ),
     )
 
+    # the Dagster code location (README "Projects", "Sweeps"); `qwen-edit train` trains the config as it is
+    sweep: dict[str, list[Any]] | None = Field(
+        None,
+        description=(
+            'a small grid of overrides, e.g. `{"learning_rate": [1e-4, 3e-4], "lora_rank": [4, 8]}`: in Dagster '
+            "trained_lora and validation_report get one partition per combination (`learning_rate=1e-4;lora_rank=4`), "
+            "each an MLflow run tagged `dagster_partition`, ranked by run_comparison on promotion_metric; every point "
+            "is validated as `--set` would be; at most 32 points; keys the shared caches depend on (flavour, model, "
+            "data, captions) cannot be swept"
+        ),
+    )
+    dagster_pool: str = Field(
+        "gpu",
+        description=(
+            "the Dagster concurrency pool of this project's GPU steps (caches, training, validation); projects on "
+            "one GPU share `gpu` (one step at a time, dagster_home/dagster.yaml), a project on a card of its own "
+            "names its own"
+        ),
+    )
 
     _notes: tuple[str, ...] = PrivateAttr(default=())  # SimpleTuner keys read without effect
 
@@ -391,6 +410,20 @@ class TrainConfig(BaseModel):
     def _experiment_name(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the MLflow experiment name cannot be empty")
+        return value
+
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _sweep_grid(cls, value: Any) -> dict | None:
+        from trainer.config.sweep import check_grid
+
+        return None if value is None else check_grid(value, list(cls.model_fields))
+
+    @field_validator("dagster_pool")
+    @classmethod
+    def _pool_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+            raise ValueError(f"{value!r}: a pool name is 1 to 64 letters, digits, '_' or '-', e.g. 'gpu' or 'gpu_1'")
         return value
 
     @field_validator("registered_model_name")

@@ -86,10 +86,39 @@ def compare_runs(tracking_uri: str, experiment_name: str, last_n: int = 5, out_d
     Validation images (`validation/images/*_lora.png`, logged after training) are downloaded
     under `out_dir/images/<run id>/` (a temporary folder without `out_dir`).
     """
-    from mlflow.tracking import MlflowClient
-
     if last_n < 1:
         raise QwenEditError(f"last_n must be at least 1, got {last_n}")
+    client, experiment = _experiment(tracking_uri, experiment_name)
+    found = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=last_n)
+    if not found:
+        raise QwenEditError(f"the MLflow experiment {experiment_name!r} at {redact_url(tracking_uri)} has no runs")
+    return _comparison(client, tracking_uri, experiment, list(reversed(found)), out_dir)
+
+
+def compare_latest_by_tag(
+    tracking_uri: str, experiment_name: str, tag: str, values: list[str], out_dir: Path | None = None
+) -> Comparison:
+    """The latest run of each value of `tag` (a sweep's points: one run per partition key), in the order of
+    `values`; a value without a run yet is left out. Values must not hold quotes (MLflow's filter syntax)."""
+    client, experiment = _experiment(tracking_uri, experiment_name)
+    found = []
+    for value in values:
+        latest = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.{tag} = '{value}'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+        found += latest
+    if not found:
+        raise QwenEditError(
+            f"the MLflow experiment {experiment_name!r} at {redact_url(tracking_uri)} has no run tagged {tag} "
+            f"(one of {', '.join(values)}) yet: materialise those partitions first"
+        )
+    return _comparison(client, tracking_uri, experiment, found, out_dir)
+
+
+def _experiment(tracking_uri: str, experiment_name: str):
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
@@ -98,10 +127,10 @@ def compare_runs(tracking_uri: str, experiment_name: str, last_n: int = 5, out_d
         raise QwenEditError(
             f"no MLflow experiment {experiment_name!r} at {redact_url(tracking_uri)}; {there}. Pick one with --experiment NAME"
         )
-    found = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=last_n)
-    if not found:
-        raise QwenEditError(f"the MLflow experiment {experiment_name!r} at {redact_url(tracking_uri)} has no runs")
-    found = list(reversed(found))
+    return client, experiment
+
+
+def _comparison(client, tracking_uri: str, experiment, found: list, out_dir: Path | None) -> Comparison:
     runs = [
         RunRow(
             run_id=r.info.run_id,
@@ -122,7 +151,7 @@ def compare_runs(tracking_uri: str, experiment_name: str, last_n: int = 5, out_d
     images, targets = _download_images(client, runs, image_dir)
     return Comparison(
         tracking_uri=redact_url(tracking_uri),  # shown in reports and logs: no credentials
-        experiment_name=experiment_name,
+        experiment_name=experiment.name,
         experiment_id=experiment.experiment_id,
         runs=runs,
         differing_params=_differing(runs),
@@ -132,6 +161,35 @@ def compare_runs(tracking_uri: str, experiment_name: str, last_n: int = 5, out_d
         compare_url=compare_url(tracking_uri, [experiment.experiment_id], [r.run_id for r in runs]),
         image_dir=image_dir,
     )
+
+
+@dataclass
+class Ranked:
+    rank: int  # 1 is best; runs without the metric come last, unranked (0)
+    run: RunRow
+    value: float | None
+
+
+def rank_runs(comparison: Comparison, metric: str, higher_is_better: bool) -> list[Ranked]:
+    """The compared runs best first on `metric` (its latest value); a run that lacks it comes last, unranked."""
+    values = comparison.metric(metric)
+    known = [run for run in comparison.runs if _finite(values[run.run_id])]
+    known.sort(key=lambda run: values[run.run_id], reverse=higher_is_better)
+    ranked = [Ranked(i + 1, run, values[run.run_id]) for i, run in enumerate(known)]
+    return ranked + [Ranked(0, run, None) for run in comparison.runs if run not in known]
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def ranking_table(ranked: list[Ranked], metric: str, higher_is_better: bool, tag: str) -> str:
+    """| rank | <tag> | metric | run |, best first (a markdown table)."""
+    better = "higher" if higher_is_better else "lower"
+    lines = [f"| rank | {tag} | {metric} ({better} is better) | run |", "|---|---|---|---|"]
+    for row in ranked:
+        lines.append(f"| {row.rank or '-'} | {row.run.tags.get(tag, '-')} | {_number(row.value)} | {row.run.label} |")
+    return "\n".join(lines)
 
 
 def _differing(runs: list[RunRow]) -> dict[str, list[str | None]]:

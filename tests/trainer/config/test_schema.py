@@ -96,6 +96,7 @@ def test_the_spec_key_lists_cover_the_whole_schema_except_documented_extras():
         "compile_transformer_blocks",  # tests/trainer/model/test_speed.py, tests/gpu/test_speed_levers.py
         "blocks_to_swap",  # tests/trainer/model/test_block_swap.py, tests/gpu/test_block_swap.py
         "max_nonfinite_steps",  # tests/trainer/training/test_guards.py
+        "sweep", "dagster_pool",  # tests/trainer/config/test_sweep.py, tests/assets/test_projects.py
     }  # fmt: skip
     assert set(TrainConfig.model_fields) == set(GUIDE_KEYS) | set(SIMPLETUNER_KEYS) | extras
 
