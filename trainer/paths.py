@@ -38,6 +38,8 @@ def outside_root_problems(config, dataset_config, root: Path) -> list[str]:
     """Every relative or derived path of the two configs that leads outside `root`, one line each."""
     root = resolved_folder(root, "project root")
     typed: list[tuple[str, str | None, Path]] = [("output_dir", config.output_dir, dataset_config.resolve(config.output_dir))]
+    if getattr(config, "lycoris_config", None) is not None:
+        typed.append(("lycoris_config", config.lycoris_config, dataset_config.resolve(config.lycoris_config)))
     for entry in dataset_config.entries:
         for key in ("instance_data_dir", "cache_dir_vae", "cache_dir"):
             value = getattr(entry, key)

@@ -82,6 +82,9 @@ def load_project(config_path: Path, data_path: Path | None = None, root: Path | 
     config = with_local_model_path(config, root)
     dataset_config = load_dataset_config(data_path, config.flavour, base_dir=root, defaults=config.dataset_defaults)
     check_inside_root(config, dataset_config, root, str(data_path))
+    from trainer.model.adapters import check_adapter_config
+
+    check_adapter_config(config, dataset_config.resolve)  # a bad lycoris_config fails `check`, its notes join the others
     if config.eval_dataset_id is not None:
         entry = dataset_config.by_id(config.eval_dataset_id)
         if entry.dataset_type != "image":

@@ -42,6 +42,9 @@ _RANGES = {
     "lora_rank": (1, 4096),
     "seed": (0, MAX_SEED),
     "flow_schedule_shift": (0, 100),
+    "flow_sigmoid_scale": (0, 100),
+    "flow_beta_schedule_alpha": (0, 1000),
+    "flow_beta_schedule_beta": (0, 1000),
     "scheduled_sampling_steps": (1, 1000),
     "blocks_to_swap": (0, 1000),
     "checkpointing_steps": (1, MAX_COUNT),
@@ -51,7 +54,7 @@ _RANGES = {
     "validation_step_interval": (1, MAX_COUNT),
     "validation_seed": (0, MAX_SEED),
 }
-_PATH_KEYS = ("pretrained_model_name_or_path", "data_backend_config", "output_dir", "resume_from_checkpoint")
+_PATH_KEYS = ("pretrained_model_name_or_path", "data_backend_config", "output_dir", "resume_from_checkpoint", "lycoris_config")
 
 
 class ModelKwargs(BaseModel):
@@ -157,6 +160,27 @@ class TrainConfig(BaseModel):
         ),
     )
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
+    lora_type: Literal["standard", "lycoris"] = Field(
+        "standard",
+        description=(
+            "`standard`: a peft LoRA (`use_dora` for DoRA); `lycoris`: LoKr or LoHa through peft, as `lycoris_config` "
+            "says (see [Adapters](#adapters-lora-dora-lokr-loha))"
+        ),
+    )
+    lycoris_config: str | None = Field(
+        None,
+        description=(
+            "with lora_type `lycoris`: SimpleTuner's LyCORIS JSON file (`algo` `lokr` or `loha`, `linear_dim`, "
+            "`linear_alpha`, `factor`, ...); what peft lacks is refused by name (see [Adapters](#adapters-lora-dora-lokr-loha))"
+        ),
+    )
+    use_dora: bool = Field(
+        False,
+        description=(
+            "DoRA (peft's `use_dora`): the LoRA plus a trained magnitude per output channel; loads with "
+            "`load_lora_weights`; not with lora_type `lycoris` or `fp8-native`"
+        ),
+    )
     lora_rank: int = Field(16, ge=1, description="rank of the LoRA matrices")
     lora_alpha: float | None = Field(
         None, gt=0,
@@ -167,7 +191,39 @@ class TrainConfig(BaseModel):
         42,
         description="seeds the LoRA init, the data order, σ and noise (a resumed run sees the same ones)",
     )
-    flow_schedule_shift: float = Field(1.73, gt=0, description="σ = s·u / (1 + (s-1)·u) with logit-normal u")
+    flow_schedule_shift: float = Field(
+        1.73, ge=0,
+        description=(
+            "fixed time shift σ = s·u / (1 + (s-1)·u) of every drawn u; 0 = none (SimpleTuner's value for it); "
+            "ignored with flow_schedule_auto_shift, as in SimpleTuner"
+        ),
+    )
+    flow_schedule_auto_shift: bool = Field(
+        False,
+        description=(
+            "resolution-dependent shift: each sample's σ is shifted by exp(mu), mu from its target's image token count "
+            "and the model's scheduler config (base/max shift and image seq len), as the pipeline shifts its inference "
+            "schedule for that size (see [Timestep sampling](#timestep-sampling))"
+        ),
+    )
+    flow_sigmoid_scale: float = Field(
+        1.0, gt=0,
+        description="the default schedule's u = sigmoid(scale · z), z ~ N(0, 1) (logit-normal with std `scale`)",
+    )
+    flow_use_uniform_schedule: bool = Field(False, description="u uniform on (0, 1) instead of the sigmoid schedule")
+    flow_use_beta_schedule: bool = Field(
+        False,
+        description="u ~ Beta(flow_beta_schedule_alpha, flow_beta_schedule_beta) instead of the sigmoid schedule",
+    )
+    flow_beta_schedule_alpha: float = Field(2.0, gt=0, description="α of the beta schedule")
+    flow_beta_schedule_beta: float = Field(2.0, gt=0, description="β of the beta schedule")
+    masked_loss_probability: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description=(
+            "with a `conditioning_type: mask` dataset: chance per sample that its mask weights the loss (otherwise "
+            "the plain loss); 1.0 = always (see [Masked loss](#masked-loss))"
+        ),
+    )
 
     # experimental: scheduled sampling (rollout) against exposure bias; off by default
     scheduled_sampling_probability: float = Field(
@@ -483,6 +539,26 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 "model_kwargs.match_target_res is for edit-v2/v3; edit-2.1 always gives its references the target's "
                 "area, as QwenImage21Pipeline gives them its output's (output_resolution). Remove the key."
+            )
+        if self.flow_use_uniform_schedule and self.flow_use_beta_schedule:
+            raise ValueError(
+                "flow_use_uniform_schedule and flow_use_beta_schedule each choose how u is drawn; set one of them "
+                "(or neither, for the sigmoid schedule)"
+            )
+        if self.lora_type == "lycoris" and self.lycoris_config is None:
+            raise ValueError(
+                "lora_type 'lycoris' needs lycoris_config: the path of a LyCORIS JSON file such as "
+                '{"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16, "full_matrix": true}'
+            )
+        if self.use_dora and self.lora_type == "lycoris":
+            raise ValueError(
+                "use_dora adds DoRA to a standard LoRA; peft's LoKr and LoHa have no DoRA. Set lora_type 'standard' "
+                "with use_dora, or remove use_dora"
+            )
+        if self.use_dora and self.base_model_precision == "fp8-native":
+            raise ValueError(
+                "use_dora reads the frozen weights to normalise them, and fp8-native keeps them in float8 (peft's DoRA "
+                "cannot add float8 and float32): use base_model_precision 'int8-quanto' or 'no_change' with use_dora"
             )
         if self.model_kwargs.match_target_res and not get_flavour(self.model_flavour).is_plus:
             raise ValueError(

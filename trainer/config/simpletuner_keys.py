@@ -40,13 +40,14 @@ TRAIN_KEYS: dict[str, ForeignKey] = {
     "hub_model_id": ForeignKey(_NO_HUB),
     "push_to_hub": ForeignKey(_NO_HUB, (False,)),
     "push_checkpoints_to_hub": ForeignKey(_NO_HUB, (False,)),
-    "lora_type": ForeignKey("qwen-edit trains a PEFT LoRA; LyCORIS/LoKr adapters are not supported", ("standard",)),
+    "validation_lycoris_strength": ForeignKey(
+        "validation applies the adapter at full strength (scale it at inference with set_adapters)", (1, 1.0)
+    ),
     "attention_mechanism": ForeignKey("the transformer uses PyTorch's scaled-dot-product attention", ("diffusers",)),
     "base_model_default_dtype": ForeignKey("unquantised base weights are kept in bf16", ("bf16",)),
     "validation_guidance_rescale": ForeignKey(
         "validation uses the pipeline's true CFG, which rescales to the conditional norm itself", (0, 0.0)
     ),
-    "flow_schedule_auto_shift": ForeignKey("the shift is flow_schedule_shift, fixed", (False,)),
     "noise_offset": ForeignKey("flow-matching edit training adds no noise offset", (0, 0.0)),
     "validation_torch_compile": ForeignKey("validation runs eagerly", (False,)),
     "validation_prompt_library": ForeignKey("edits need reference images: validation uses the eval pairs (eval_dataset_id)"),

@@ -27,6 +27,7 @@ from trainer.evaluation.metrics import HIGHER_IS_BETTER, edit_metrics
 from trainer.evaluation.residency import TakingTurns
 from trainer.evaluation.sampling import EditConditioning, generate_latents, generate_latents_21
 from trainer.io import atomic_write_json, atomic_write_text
+from trainer.model.adapters import load_adapter
 from trainer.model.conditioning import (
     embed_prompt,
     encode_image_latents,
@@ -150,7 +151,7 @@ def run_validation(
 
         def use(stage: str) -> None:
             if stage == "lora":
-                pipe.load_lora_weights(str(lora_dir), use_safetensors=True)  # never a pickled .bin
+                load_adapter(pipe, lora_dir)  # LoRA/DoRA by load_lora_weights, LoKr/LoHa their own way; safetensors only
 
         return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use)
     from trainer.model.block_swap import BlockSwap
@@ -159,14 +160,14 @@ def run_validation(
     transformer, swapped = _transformer_as_training_loads_it(config, device, dtype)
     pipe.register_modules(transformer=transformer)
     if lora_dir:
-        pipe.load_lora_weights(str(lora_dir), use_safetensors=True)
+        load_adapter(pipe, lora_dir)
     if swapped:  # after the LoRA is in: block swap moves (or keeps) its weights with their blocks
         BlockSwap(transformer, swapped, device)
     turns = TakingTurns(pipe, device)
 
     def use_adapters(stage: str) -> None:
         if lora_dir:
-            pipe.enable_lora() if stage == "lora" else pipe.disable_lora()
+            transformer.enable_adapters() if stage == "lora" else transformer.disable_adapters()  # any peft adapter
 
     try:
         return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use_adapters, turns)

@@ -1,11 +1,14 @@
-"""The LoRA adapter: added with peft, saved in diffusers' format with its adapter metadata."""
+"""The LoRA adapter: added with peft, saved in diffusers' format with its adapter metadata.
 
+DoRA, LoKr and LoHa (trainer.model.adapters) go through the same state dict, checkpoint and export
+functions; only their ComfyUI tensors and the notes in the files differ."""
+
+import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from trainer.faults import kill_point
@@ -21,16 +24,9 @@ NOTE_KEY = "qwen_edit.note"
 
 def add_lora(transformer, rank: int, alpha: float, seed: int) -> list[torch.nn.Parameter]:
     """Freeze the base, add a trainable LoRA; return its parameters (kept in float32)."""
-    transformer.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the adapter's initial weights depend on the seed alone
-        transformer.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
-        )
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    return params
+    from trainer.model.adapters import AdapterPlan, add_adapter
+
+    return add_adapter(transformer, AdapterPlan("lora", rank, alpha), seed)
 
 
 def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
@@ -60,7 +56,7 @@ def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor], sourc
     if problems:
         raise ConfigError(
             f"{source} does not fit this model's LoRA: {'; '.join(problems)}. It was saved with another lora_rank, "
-            "model or flavour: resume with the settings it was trained with, or train from scratch "
+            "adapter (lora_type, use_dora, lycoris_config), model or flavour: resume with the settings it was trained with, or train from scratch "
             "(a new output_dir, or without resume_from_checkpoint)"
         )
     set_peft_model_state_dict(transformer, state_dict)
@@ -71,21 +67,38 @@ def adapter_metadata(transformer) -> dict:
     return transformer.peft_config["default"].to_dict()
 
 
-def save_lora(pipeline_cls, layers: dict[str, torch.Tensor], metadata: dict, out_dir: Path) -> Path:
-    """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(out_dir)` loads.
+def save_lora(
+    pipeline_cls, layers: dict[str, torch.Tensor], metadata: dict, out_dir: Path, comfyui: dict[str, torch.Tensor] | None = None,
+    lycoris: dict | None = None,
+) -> Path:
+    """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(out_dir)` loads (DoRA too;
+    LoKr and LoHa: `trainer.model.adapters.load_adapter`), and the ComfyUI file beside it.
 
     `layers` is `lora_state_dict(transformer)` and `metadata` `adapter_metadata(transformer)`:
-    gathered on every rank, written by one.
+    gathered on every rank, written by one. `comfyui` (`adapters.comfyui_tensors`) is the ComfyUI file's
+    content for the adapters other than LoRA, whose ComfyUI arithmetic needs the model to be worked out;
+    `lycoris` the lycoris_config the adapter was trained from, kept in the file's metadata.
     """
+    from trainer.model.adapters import ADAPTER_KEY, LYCORIS_KEY, adapter_file_notes, metadata_kind
+
+    kind = metadata_kind(metadata)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saving-") as tmp:  # rename = atomic
         pipeline_cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
-        _add_metadata(Path(tmp) / LORA_WEIGHTS_NAME, diffusers_file_notes(metadata["r"], metadata["lora_alpha"]))
+        if kind == "lora":
+            notes = diffusers_file_notes(metadata["r"], metadata["lora_alpha"])
+        else:
+            notes = {ADAPTER_KEY: kind, **adapter_file_notes(kind)}
+            notes.update({LYCORIS_KEY: json.dumps(lycoris)} if lycoris is not None else {})
+        _add_metadata(Path(tmp) / LORA_WEIGHTS_NAME, notes)
         kill_point("lora.diffusers_written")
         os.replace(Path(tmp) / LORA_WEIGHTS_NAME, out_dir / LORA_WEIGHTS_NAME)
     kill_point("lora.before_comfyui")
-    export_comfyui(out_dir / LORA_WEIGHTS_NAME, out_dir / COMFYUI_WEIGHTS_NAME, metadata["lora_alpha"])
+    if kind == "lora":
+        export_comfyui(out_dir / LORA_WEIGHTS_NAME, out_dir / COMFYUI_WEIGHTS_NAME, metadata["lora_alpha"])
+    else:
+        _write_comfyui(comfyui, out_dir / COMFYUI_WEIGHTS_NAME, {ADAPTER_KEY: kind, **adapter_file_notes(kind, comfyui=True)})
     return out_dir / LORA_WEIGHTS_NAME
 
 
@@ -121,9 +134,7 @@ def export_comfyui(diffusers_file: Path, out_file: Path, alpha: float) -> Path:
 
     diffusers' `load_lora_weights` reads this format too (it converts `diffusion_model.` keys).
     """
-    from safetensors.torch import load_file, save_file
-
-    from trainer.io import atomic_write_with
+    from safetensors.torch import load_file
 
     tensors = {}
     for key, value in load_file(str(diffusers_file)).items():
@@ -131,6 +142,14 @@ def export_comfyui(diffusers_file: Path, out_file: Path, alpha: float) -> Path:
         tensors[module_key] = value
         if key.endswith(".lora_A.weight"):
             tensors[module_key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(alpha))
-    metadata = {"format": "pt", **comfyui_file_notes(alpha)}
+    return _write_comfyui(tensors, out_file, comfyui_file_notes(alpha))
+
+
+def _write_comfyui(tensors: dict[str, torch.Tensor], out_file: Path, notes: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    from trainer.io import atomic_write_with
+
+    metadata = {"format": "pt", **notes}
     atomic_write_with(out_file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return out_file

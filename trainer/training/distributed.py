@@ -34,6 +34,12 @@ def check_fsdp_config(config: TrainConfig) -> None:
             "not plain tensors); set base_model_precision 'no_change', or keep the quantised base with "
             "config/accelerate/ddp.yaml (it fits one card)"
         )
+    if config.lora_type != "standard" or config.use_dora:
+        key = "lora_type 'lycoris'" if config.lora_type != "standard" else "use_dora"
+        raise ConfigError(
+            f"{key} is not supported with FSDP here (its export reads the frozen weights and peft's layers, which FSDP "
+            "shards; untested): train it with config/accelerate/ddp.yaml or on one GPU, or use a standard LoRA"
+        )
     if config.use_ema:
         raise ConfigError(
             "use_ema is not supported with FSDP (the EMA copy of the LoRA is not sharded); set use_ema false, "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.data.caches import CachedSample
-from trainer.training.flow_matching import sigma_quantile
+from trainer.training.flow_matching import SigmaSchedule
 from trainer.training.loss import flow_matching_loss
 
 HELD_OUT_SAMPLES = 8  # the first training samples by name: a bounded cost on the 20B model (2 x 8 x 4 forwards)
@@ -28,18 +28,25 @@ class HeldOutPoint:
     noise: torch.Tensor  # [1, 16, h, w]
 
 
-def sigma_grid(shift: float, n: int = HELD_OUT_SIGMAS) -> list[float]:
-    """n σ weighted as training draws them: the quantiles at (i + 0.5) / n."""
-    return [sigma_quantile((i + 0.5) / n, shift) for i in range(n)]
+def sigma_grid(shift: SigmaSchedule | float, n: int = HELD_OUT_SIGMAS, image_seq_len: int | None = None) -> list[float]:
+    """n σ weighted as training draws them: the quantiles at (i + 0.5) / n of the schedule (a number: the
+    default schedule at that fixed shift). With a resolution-dependent shift the grid is the sample's own:
+    `image_seq_len` is its token count."""
+    schedule = shift if isinstance(shift, SigmaSchedule) else SigmaSchedule(shift=shift)
+    return [schedule.quantile((i + 0.5) / n, image_seq_len) for i in range(n)]
 
 
-def held_out_grid(samples: list[CachedSample], shift: float, seed: int, n_sigmas: int = HELD_OUT_SIGMAS) -> list[HeldOutPoint]:
-    """Every sample at every σ of the grid, each with its own noise from one seeded stream."""
+def held_out_grid(
+    samples: list[CachedSample], shift: SigmaSchedule | float, seed: int, n_sigmas: int = HELD_OUT_SIGMAS,
+    seq_len_of=lambda sample: None,
+) -> list[HeldOutPoint]:
+    """Every sample at every σ of the grid, each with its own noise from one seeded stream.
+    `seq_len_of(sample)`: its image token count, for a resolution-dependent shift."""
     generator = torch.Generator().manual_seed(seed)
     return [
         HeldOutPoint(sample, torch.tensor([sigma]), torch.randn((1, *sample.target.shape), generator=generator))
         for sample in samples
-        for sigma in sigma_grid(shift, n_sigmas)
+        for sigma in sigma_grid(shift, n_sigmas, seq_len_of(sample))
     ]
 
 

@@ -24,7 +24,8 @@ from trainer.errors import DataError
 from trainer.faults import kill_point
 from trainer.model.block_swap import BlockSwap, move_to_device_except, swapped_block_indices
 from trainer.model.loading import load_transformer
-from trainer.model.lora import LORA_WEIGHTS_NAME, adapter_metadata, add_lora, load_lora_state_dict, lora_state_dict, save_lora
+from trainer.model.adapters import adapter_plan, add_adapter, comfyui_tensors
+from trainer.model.lora import LORA_WEIGHTS_NAME, adapter_metadata, load_lora_state_dict, lora_state_dict, save_lora
 from trainer.model.memory import OffloadActivations, offload_optimizer_state, use_expandable_segments
 from trainer.model.quantization import quantize_transformer, repeated_blocks
 from trainer.model.speed import apply_speed_settings
@@ -42,7 +43,7 @@ from trainer.training.data_order import (
     training_samples,
 )
 from trainer.training.distributed import check_fsdp_config, make_accelerator, make_optimizer
-from trainer.training.flow_matching import sample_sigma
+from trainer.training.flow_matching import image_seq_len, training_sigma_schedule
 from trainer.training.held_out import HELD_OUT_SAMPLES, base_and_lora_loss, held_out_grid
 from trainer.training.guards import NonFiniteGuard, assert_finite
 from trainer.training.loss import flow_matching_loss, rollout_input
@@ -144,6 +145,7 @@ class LoraTrainingRecipe:
             check_fsdp_config(self.config)  # before any model is loaded
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision, torch.float32)
         self.max_steps = self.config.resolved_max_train_steps(len(self.samples), self.accelerator.num_processes)
+        self.sigma_schedule = training_sigma_schedule(self.config)
 
     def _setup_transformer_with_lora(self) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
         """Load, quantise and freeze the base, then add the LoRA (peft wraps quanto's layers directly)."""
@@ -155,7 +157,8 @@ class LoraTrainingRecipe:
             quantize_transformer(transformer, config, device, stay_on_cpu=swapped)
         if not self.sharded:  # FSDP moves each shard to its card as it shards: the whole model never lands on one
             move_to_device_except(transformer, device, set(swapped))
-        params = add_lora(transformer, config.lora_rank, config.lora_scale_alpha, config.seed)
+        self.adapter = adapter_plan(config, self.dataset_config.resolve)  # LoRA, DoRA, or LyCORIS' LoKr/LoHa through peft
+        params = add_adapter(transformer, self.adapter, config.seed)
         apply_speed_settings(transformer, config, device)  # checkpointing (selective), attention kernel, compile
         self.block_swap = BlockSwap(transformer, swapped, device) if swapped else None
         self.offload = OffloadActivations() if config.offload_activations and self._on_gpu else nullcontext()
@@ -307,7 +310,7 @@ class LoraTrainingRecipe:
             generator = micro_step_generator(config.seed, micro, rank)
             sample = load_sample(self.samples[index][1], self.samples[index][0])
             sample = conditioning_for_step(sample, config.caption_dropout_probability, generator)
-            sigma = sample_sigma(config.flow_schedule_shift, generator).to(accelerator.device)
+            sigma = self.sigma_schedule.sample(generator, image_seq_len(config.flavour, sample.target)).to(accelerator.device)
             noise = torch.randn((1, *sample.target.shape), generator=generator).to(accelerator.device)
             # under FSDP every forward pass needs every rank: whether to roll out is drawn alike on all of them
             rollout = micro_step_generator(config.seed, micro, SHARED_RANK) if self.sharded else generator
@@ -400,7 +403,8 @@ class LoraTrainingRecipe:
         """
         unique = sorted(dict.fromkeys(self.samples), key=lambda sample: sample[0])[:HELD_OUT_SAMPLES]
         samples = [load_sample(paths, name) for name, paths in unique]
-        grid = held_out_grid(samples, self.config.flow_schedule_shift, self.config.seed)
+        flavour = self.config.flavour
+        grid = held_out_grid(samples, self.sigma_schedule, self.config.seed, seq_len_of=lambda s: image_seq_len(flavour, s.target))
         model = self.accelerator.unwrap_model(self.transformer)
         return base_and_lora_loss(self.transformer, model, grid, self.accelerator.device, self.weight_dtype)
 
@@ -455,7 +459,8 @@ class LoraTrainingRecipe:
         layers = lora_state_dict(transformer)
         if self.accelerator.is_main_process:
             assert_finite(layers, f"the LoRA for {path}")
-            save_lora(self.config.flavour.pipeline_cls(), layers, adapter_metadata(transformer), path)
+            comfyui = comfyui_tensors(transformer, layers) if self.adapter.kind != "lora" else None
+            save_lora(self.config.flavour.pipeline_cls(), layers, adapter_metadata(transformer), path, comfyui, self.adapter.lycoris)
 
     def cleanup(self) -> None:
         self.accelerator.end_training()

@@ -96,6 +96,10 @@ def test_the_spec_key_lists_cover_the_whole_schema_except_documented_extras():
         "compile_transformer_blocks",  # tests/trainer/model/test_speed.py, tests/gpu/test_speed_levers.py
         "blocks_to_swap",  # tests/trainer/model/test_block_swap.py, tests/gpu/test_block_swap.py
         "max_nonfinite_steps",  # tests/trainer/training/test_guards.py
+        "lora_type", "lycoris_config", "use_dora",  # tests/trainer/model/test_adapters.py, test_adapter_training.py
+        "flow_schedule_auto_shift", "flow_sigmoid_scale", "flow_use_uniform_schedule", "flow_use_beta_schedule",
+        "flow_beta_schedule_alpha", "flow_beta_schedule_beta",  # tests/trainer/training/test_flow_matching.py
+        "masked_loss_probability",  # tests/trainer/training/test_masked_loss.py
         "sweep", "dagster_pool",  # tests/trainer/config/test_sweep.py, tests/assets/test_projects.py
     }  # fmt: skip
     assert set(TrainConfig.model_fields) == set(GUIDE_KEYS) | set(SIMPLETUNER_KEYS) | extras

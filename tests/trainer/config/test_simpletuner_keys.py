@@ -71,9 +71,8 @@ def test_the_user_is_told_which_keys_had_no_effect_and_why(tmp_path):
 @pytest.mark.parametrize(
     "key, value, reason",
     [
-        ("lora_type", "lycoris", "LyCORIS/LoKr adapters are not supported"),
+        ("validation_lycoris_strength", 0.5, "full strength"),
         ("push_to_hub", True, "does not upload to the Hugging Face Hub"),
-        ("flow_schedule_auto_shift", True, "the shift is flow_schedule_shift"),
         ("validation_guidance_rescale", 0.7, "true CFG"),
         ("noise_offset", 0.1, "no noise offset"),
     ],
@@ -84,10 +83,10 @@ def test_a_value_asking_for_what_qwen_edit_does_not_do_is_an_error_saying_so(key
 
 
 def test_a_typo_is_still_an_unknown_key_and_every_problem_is_listed_at_once():
-    message = config_error({"lora_rnak": 4, "lora_type": "lycoris", "vae_batch_size": 1})
+    message = config_error({"lora_rnak": 4, "push_to_hub": True, "vae_batch_size": 1})
     assert "2 problem(s)" in message
     assert "unknown key 'lora_rnak': did you mean 'lora_rank'?" in message
-    assert "lora_type='lycoris' is not supported" in message
+    assert "push_to_hub=True is not supported" in message
 
 
 def test_both_names_of_the_checkpoint_interval_must_agree():
