@@ -142,3 +142,18 @@ def test_one_data_version_in_dagster_mlflow_and_the_checkpoint(materialized):
     run = MlflowClient(uri).get_run(lora["mlflow_run_id"].value)
     checkpoint = load_checkpoint(out / "checkpoints" / f"checkpoint-{TRAIN_STEPS}")
     assert dagster_version == run.data.tags["manifest_version"] == checkpoint.data_version == lora["data_version"].value
+
+
+def test_promotion_registers_the_validated_lora_as_the_first_champion(materialized):
+    """The end of the graph: the LoRA validation_report validated is version 1 of the project's registered model,
+    tagged with the Dagster run that trained it; the asset's metadata says so and links its MLflow page."""
+    from mlflow.tracking import MlflowClient
+
+    result, _, uri = materialized
+    metadata = _materialization(result, "promotion").metadata
+    assert metadata["decision"].value == "champion" and metadata["version"].value == 1
+    assert "no champion yet" in metadata["reason"].value
+    version = MlflowClient(uri).get_model_version_by_alias("qwen-edit-demo", "champion")  # tracker_project_name
+    assert version.run_id == _materialization(result, "trained_lora").metadata["mlflow_run_id"].value
+    assert version.tags["dagster_run_id"] == result.run_id and version.tags["flavour"] == "edit-v2"
+    assert metadata["version_url"].value.endswith("/#/models/qwen-edit-demo/versions/1?workflowType=machine_learning")

@@ -78,3 +78,7 @@ def test_train_edit_v1_on_a_small_dataset(demo_root, tmp_path, monkeypatch):
     assert sorted(r.info.run_name for r in runs) == ["v1 small", "v1 small"]
     assert all(r.data.tags["team"] == "vision" and "command line" in r.data.tags["mlflow.note.content"] for r in runs)
     assert sorted(r.data.params["output_dir"] for r in runs) == [str(first), str(second)]
+    # each run ended registered and promoted: the second, equal to the first, is not better than it
+    assert "promotion: registered version 2 of 'qwen-edit': challenger" in result.stdout
+    aliases = client.get_registered_model("qwen-edit").aliases
+    assert {alias: str(version) for alias, version in aliases.items()} == {"champion": "1", "challenger": "2"}
