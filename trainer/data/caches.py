@@ -55,11 +55,17 @@ class CacheStats:
 class SamplePaths:
     text: Path
     vae: Path
+    mask: Path | None = None  # the loss mask at latent resolution (trainer.data.masks), beside the VAE latents
 
 
 def sample_paths(dataset_config: DatasetConfig, config: TrainConfig, row) -> SamplePaths:
+    from trainer.data.masks import mask_path
+
     tset = dataset_config.training_set(dataset_config.by_id(row["dataset_id"]), config.flavour)
-    return SamplePaths(tset.text_cache_dir / f"{row['name']}.safetensors", tset.vae_cache_dir / f"{row['name']}.safetensors")
+    return SamplePaths(
+        tset.text_cache_dir / f"{row['name']}.safetensors", tset.vae_cache_dir / f"{row['name']}.safetensors",
+        mask_path(dataset_config, config, row),
+    )
 
 
 def target_size(dataset_config: DatasetConfig, row) -> tuple[int, int]:
@@ -283,7 +289,10 @@ def _embedding_of(text: dict[str, torch.Tensor], prefix: str = "", suffix: str =
 def build_vae_cache(
     manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig, device: torch.device | None = None
 ) -> CacheStats:
-    """Normalised VAE latents of the target (at its bucket size) and of each reference."""
+    """Normalised VAE latents of the target (at its bucket size) and of each reference; the loss masks beside them."""
+    from trainer.data.masks import build_mask_cache
+
+    build_mask_cache(manifest, dataset_config, config)  # no model needed: a resize per mask
     device = device or default_device()
     pipe = None
 
@@ -320,6 +329,7 @@ class CachedSample:
     dropout_embeds: tuple[torch.Tensor, ...] | None = None
     per_reference_embeds: list[tuple[torch.Tensor, ...]] | None = None  # `random` sampling, as dropout_embeds
     image_pad_mask: torch.Tensor | None = None  # [T] bool, edit-2.1 only: the VL encoder's image slots
+    loss_mask: torch.Tensor | None = None  # [h, w] in [0, 1] at the target latent's size (a mask dataset)
 
     def with_caption_dropped(self) -> "CachedSample":
         return self._with_prompt(*self.dropout_embeds)
@@ -332,6 +342,8 @@ class CachedSample:
 
 
 def load_sample(paths: SamplePaths, name: str) -> CachedSample:
+    from trainer.data.masks import load_mask
+
     text = load_file(str(paths.text))
     vae = load_file(str(paths.vae))
     refs = [vae[f"reference_{i}"] for i in range(len(vae) - 1)]
@@ -341,7 +353,7 @@ def load_sample(paths: SamplePaths, name: str) -> CachedSample:
         per_reference = [_embedding_of(text, suffix=f"_ref{i}") for i in range(len(refs))]
     return CachedSample(
         name, text["prompt_embeds"], text["prompt_embeds_mask"], vae["target"], refs, dropout, per_reference,
-        text.get("image_pad_mask"),
+        text.get("image_pad_mask"), load_mask(paths.mask),
     )
 
 
@@ -359,4 +371,8 @@ def verify_cache(manifest: pd.DataFrame, dataset_config: DatasetConfig, config: 
         path = paths.text if kind == "text" else paths.vae
         if not is_current(path, key_of(config, dataset_config, row))[0]:
             problems.append(f"{path}: missing or stale for {row['target_path']}")
+    if kind == "vae":  # the loss masks are built with the VAE latents
+        from trainer.data.masks import stale_masks
+
+        problems += stale_masks(manifest, dataset_config, config)
     return problems

@@ -90,11 +90,13 @@ class DatasetEntry(BaseModel):
             "holds its prompt embeddings (default `cache/conditioning_image_embeds/<id>`)"
         ),
     )
-    conditioning_type: Literal["reference_strict", "reference_loose"] = Field(
+    conditioning_type: Literal["reference_strict", "reference_loose", "mask"] = Field(
         "reference_strict",
         description=(
             "on a conditioning dataset: `reference_strict` references are centre-cropped to their target's "
-            "aspect ratio (within 2%) at their own resolution; `reference_loose` ones are used as they are"
+            "aspect ratio (within 2%) at their own resolution; `reference_loose` ones are used as they are; "
+            "`mask`: a loss mask per target, same name and size (white trains, black is left out; see "
+            "[Masked loss](#masked-loss)), not a reference"
         ),
     )
     conditioning_multidataset_sampling: Literal["combined", "random"] | None = Field(
@@ -174,6 +176,8 @@ class TrainingSet:
     text_cache_dir: Path
     vae_cache_dir: Path
     sampling: Literal["combined", "random"]
+    mask: DatasetEntry | None = None  # a `conditioning_type: mask` dataset in conditioning_data: the loss masks
+    mask_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,9 @@ class DatasetConfig:
         return self._training_sets[key]
 
     def _build_training_set(self, entry: DatasetEntry, flavour: Flavour) -> TrainingSet:
-        refs = tuple(self.by_id(ref_id) for ref_id in entry.conditioning_ids)
+        linked = [self.by_id(ref_id) for ref_id in entry.conditioning_ids]
+        refs = tuple(e for e in linked if e.conditioning_type != "mask")  # a mask dataset weights the loss instead
+        mask = next((e for e in linked if e.conditioning_type == "mask"), None)
         default_sampling = "combined"
         sampling = entry.conditioning_multidataset_sampling or default_sampling
         return TrainingSet(
@@ -219,6 +225,8 @@ class DatasetConfig:
             text_cache_dir=self._text_cache_dir(entry, flavour),
             vae_cache_dir=self.vae_cache_dir(entry),
             sampling=sampling,
+            mask=mask,
+            mask_dir=self.resolve(mask.instance_data_dir) if mask is not None else None,
         )
 
     def vae_cache_dir(self, entry: DatasetEntry) -> Path:
@@ -311,7 +319,12 @@ def _check_references(config: DatasetConfig, flavour: Flavour) -> None:
             problems.append(f"entry {entry.id!r}: caption_strategy 'instanceprompt' needs an instance_prompt")
         if entry.dataset_type != "image" or entry.disabled:
             continue
-        refs = entry.conditioning_ids
+        linked = entry.conditioning_ids
+        masks = [i for i in linked if i in by_id and by_id[i].conditioning_type == "mask"]
+        refs = [i for i in linked if i not in masks]
+        if len(masks) > 1:
+            problems.append(f"entry {entry.id!r}: conditioning_data links {len(masks)} mask datasets ({', '.join(masks)}); "
+                            "a target has one loss mask, keep one")
         if not refs:
             problems.append(
                 f"entry {entry.id!r}: an edit dataset needs conditioning_data (the id of the dataset "
@@ -322,7 +335,7 @@ def _check_references(config: DatasetConfig, flavour: Flavour) -> None:
                 f"entry {entry.id!r}: {flavour.name} takes {_count(flavour.min_references, flavour.max_references)} "
                 f"conditioning dataset(s), got {len(refs)} in conditioning_data" + _more_references_hint(flavour, len(refs))
             )
-        for ref in refs:
+        for ref in linked:
             if ref not in by_id:
                 problems.append(f"entry {entry.id!r}: conditioning_data {ref!r} does not exist; {suggest(ref, by_id)}")
             elif by_id[ref].dataset_type != "conditioning":

@@ -29,6 +29,9 @@ BASE_REFERENCES = 3
 REFERENCE_COLUMNS = tuple(f"reference_{i}" for i in range(1, MAX_REFERENCES + 1))
 
 
+MASK_COLUMN = "mask_path"
+
+
 def reference_columns(flavour: Flavour) -> tuple[str, ...]:
     """The manifest's reference columns for `flavour`."""
     return REFERENCE_COLUMNS[: max(BASE_REFERENCES, flavour.max_references)]
@@ -56,8 +59,10 @@ class PairingManifestModel(pa.DataFrameModel):
     reference_8: Optional[Series[str]] = pa.Field(nullable=True)
     reference_9: Optional[Series[str]] = pa.Field(nullable=True)
     reference_10: Optional[Series[str]] = pa.Field(nullable=True)
+    # the loss mask (a `conditioning_type: mask` dataset): a column only of manifests with masks
+    mask_path: Optional[Series[str]] = pa.Field(nullable=True)
 
-    @pa.check("target_path", *REFERENCE_COLUMNS, element_wise=True, name="readable_image")
+    @pa.check("target_path", *REFERENCE_COLUMNS, MASK_COLUMN, element_wise=True, name="readable_image")
     def _readable(cls, path) -> bool:
         return path is None or pd.isna(path) or probe_image(path).error is None
 
@@ -146,6 +151,8 @@ def build_manifest(
     rows: list[dict] = []
     report = PairingReport()
     columns = reference_columns(flavour)
+    if any(dataset_config.training_set(e, flavour).mask is not None for e in dataset_config.image_entries):
+        columns += (MASK_COLUMN,)
     for entry in dataset_config.image_entries:
         tset = dataset_config.training_set(entry, flavour)
         split = "eval" if entry.id == eval_dataset_id else "train"
@@ -153,7 +160,8 @@ def build_manifest(
     if eval_dataset_id is not None:
         dataset_config.by_id(eval_dataset_id)  # a clear error when the id is wrong
     schema_columns = list(PairingManifestModel.to_schema().columns)
-    manifest = pd.DataFrame(rows, columns=[c for c in schema_columns if c not in REFERENCE_COLUMNS or c in columns])
+    optional = (*REFERENCE_COLUMNS, MASK_COLUMN)
+    manifest = pd.DataFrame(rows, columns=[c for c in schema_columns if c not in optional or c in columns])
     for column in ("caption", *columns):
         manifest[column] = manifest[column].astype(object)
     for column in ("n_references", "target_width", "target_height"):
@@ -172,7 +180,7 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport, flavour:
         report.errors.append(f"dataset {entry.id!r}: instance_data_dir {tset.target_dir} does not exist")
         return []
     scans = {}
-    for folder in (tset.target_dir, *tset.reference_dirs):
+    for folder in (tset.target_dir, *tset.reference_dirs, *([tset.mask_dir] if tset.mask_dir else [])):
         if folder.is_dir():
             try:
                 scans[folder] = scan_folder(folder)
@@ -190,10 +198,15 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport, flavour:
             report.errors.append(f"conditioning dataset {ref_entry.id!r}: instance_data_dir {ref_dir} does not exist")
             return []
         reference_files.append(scans[ref_dir].images)
-    for ref_entry, ref_dir, files in zip(tset.references, tset.reference_dirs, reference_files):
+    if tset.mask_dir is not None and not tset.mask_dir.is_dir():
+        report.errors.append(f"mask dataset {tset.mask.id!r}: instance_data_dir {tset.mask_dir} does not exist")
+        return []
+    mask_files = scans[tset.mask_dir].images if tset.mask_dir is not None else None
+    for ref_dir, files, what in [*zip(tset.reference_dirs, reference_files, ["reference"] * len(reference_files)),
+                                 *([(tset.mask_dir, mask_files, "mask")] if mask_files is not None else [])]:
         orphans = sorted(set(files) - set(targets))
         for stem in orphans:
-            report.warnings.append(f"{files[stem]}: reference with no target image of the same name in {tset.target_dir}")
+            report.warnings.append(f"{files[stem]}: {what} with no target image of the same name in {tset.target_dir}")
     rows = []
     for stem, target_path in sorted(targets.items()):
         if _below_minimum_size(entry, target_path, report):
@@ -202,7 +215,8 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport, flavour:
         references = [
             files.get(stem) or os.path.join(str(ref_dir), target_name) for files, ref_dir in zip(reference_files, tset.reference_dirs)
         ]
-        references += [None] * (len(columns) - len(references))
+        references += [None] * (len([c for c in columns if c != MASK_COLUMN]) - len(references))
+        masks = {MASK_COLUMN: mask_files.get(stem) or os.path.join(str(tset.mask_dir), target_name)} if mask_files is not None else {}
         rows.append(
             {
                 "split": split,
@@ -214,6 +228,7 @@ def _pair_dataset(tset: TrainingSet, split: str, report: PairingReport, flavour:
                 "target_width": (probe := probe_image(target_path)).width,
                 "target_height": probe.height,
                 **dict(zip(columns, references)),
+                **masks,
             }
         )
     _check_quality(tset, rows, scans, report, flavour)
@@ -268,6 +283,13 @@ def _check_quality(tset: TrainingSet, rows: list[dict], scans: dict[Path, Folder
                     f"{row['target_path']} ({target.width}x{target.height}); crop it to match, or set "
                     f"conditioning_type 'reference_loose' on dataset {ref_entry.id!r}"
                 )
+        if tset.mask is not None and target.error is None:
+            mask = probe_image(row[MASK_COLUMN])
+            if mask.error is None and (mask.width, mask.height) != (target.width, target.height):
+                report.errors.append(
+                    f"{row[MASK_COLUMN]}: {mask.width}x{mask.height}, but its target {row['target_path']} is "
+                    f"{target.width}x{target.height}; a mask must be its target's size (mask dataset {tset.mask.id!r})"
+                )
 
 
 def _notes(probe, flavour: Flavour, is_reference: bool) -> tuple[str, ...]:
@@ -318,8 +340,9 @@ def _describe_failures(failures: pd.DataFrame, manifest: pd.DataFrame) -> Iterab
         index = failure.index
         row = manifest.loc[index] if index is not None and index in manifest.index else None
         if check == "readable_image":
+            what = "mask" if failure.column == MASK_COLUMN else "reference"
             yield f"{failure.failure_case}: {_missing_hint(failure.failure_case)}" + (
-                f" (reference for {row.target_path})" if row is not None and failure.column != "target_path" else ""
+                f" ({what} for {row.target_path})" if row is not None and failure.column != "target_path" else ""
             )
         elif check == "caption_present" or (failure.column == "caption" and row is not None):
             yield f"{Path(row.target_path).with_suffix('.txt')}: caption missing, empty or not UTF-8 (caption_strategy textfile)"
@@ -344,6 +367,6 @@ def write_manifest(manifest: pd.DataFrame, path: Path) -> Path:
 
 def read_manifest(path: Path) -> pd.DataFrame:
     manifest = pd.read_json(path, orient="records", dtype=False)
-    for column in ("caption", *(c for c in REFERENCE_COLUMNS if c in manifest.columns)):
+    for column in ("caption", *(c for c in (*REFERENCE_COLUMNS, MASK_COLUMN) if c in manifest.columns)):
         manifest[column] = manifest[column].astype(object).where(manifest[column].notna(), None)
     return manifest

@@ -30,13 +30,22 @@ def predict_velocity(transformer, sample: CachedSample, x_t: torch.Tensor, sigma
 
 
 def flow_matching_loss(
-    transformer, sample: CachedSample, sigma: torch.Tensor, noise: torch.Tensor, dtype, x_t: torch.Tensor | None = None
+    transformer, sample: CachedSample, sigma: torch.Tensor, noise: torch.Tensor, dtype, x_t: torch.Tensor | None = None,
+    masked: bool = True,
 ) -> torch.Tensor:
-    """One sample's loss; `x_t` replaces the ground-truth noised latent (scheduled sampling)."""
+    """One sample's loss; `x_t` replaces the ground-truth noised latent (scheduled sampling).
+
+    With a loss mask (`sample.loss_mask`, a mask dataset) and `masked`, each latent pixel's squared error is
+    weighted by its mask value and the mean taken over all of them, as SimpleTuner does (not renormalised by
+    the mask's area): a pixel under black contributes nothing, to the loss or to the gradient."""
     x0 = sample.target[None].to(sigma.device, torch.float32)
     x_t = add_noise(x0, noise, sigma) if x_t is None else x_t
     prediction = predict_velocity(transformer, sample, x_t, sigma, dtype)
-    return F.mse_loss(prediction.float(), pack(velocity_target(x0, noise)).float())
+    target = pack(velocity_target(x0, noise)).float()
+    if masked and sample.loss_mask is not None:
+        weights = pack(sample.loss_mask.to(sigma.device, torch.float32).expand_as(x0[0])[None])  # the tokens' layout
+        return ((prediction.float() - target) ** 2 * weights).mean()
+    return F.mse_loss(prediction.float(), target)
 
 
 @torch.no_grad()

@@ -315,9 +315,10 @@ class LoraTrainingRecipe:
             # under FSDP every forward pass needs every rank: whether to roll out is drawn alike on all of them
             rollout = micro_step_generator(config.seed, micro, SHARED_RANK) if self.sharded else generator
             x_t = self._scheduled_sampling_input(sample, sigma, noise, rollout)
+            masked = self._masked_this_step(sample, generator)
             with accelerator.accumulate(self.transformer):
                 with self.offload:
-                    loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype, x_t)
+                    loss = flow_matching_loss(self.transformer, sample, sigma, noise, self.weight_dtype, x_t, masked)
                 accelerator.backward(loss)
                 kill_point("train.mid_step", step + 1)
                 if accelerator.sync_gradients:
@@ -386,6 +387,14 @@ class LoraTrainingRecipe:
         ]
         bad = [name for finite, name in named if not finite]
         return list(dict.fromkeys(bad or [name for _, name in named]))
+
+    def _masked_this_step(self, sample, generator: torch.Generator) -> bool:
+        """masked_loss_probability: the chance that a sample's loss mask weights this step's loss (a draw only
+        when it is strictly between 0 and 1, so runs without masks draw exactly what they drew before)."""
+        probability = self.config.masked_loss_probability
+        if sample.loss_mask is None or probability >= 1:
+            return True
+        return probability > 0 and float(torch.rand((), generator=generator)) < probability
 
     def _scheduled_sampling_input(self, sample, sigma, noise, generator) -> torch.Tensor | None:
         config = self.config
