@@ -222,3 +222,30 @@ def test_comfyuis_arithmetic_on_the_comfyui_tensors_gives_peft_weights(plan):
         base = layer.get_base_layer().weight.detach()
         patched = comfyui_patched_weight(base.clone(), tensors, f"diffusion_model.{name}")
         torch.testing.assert_close(patched, _effective_weight(layer), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("plan", [
+    AdapterPlan("dora", 4, 8.0),
+    lycoris_plan(LOKR, "test"),
+    lycoris_plan({"algo": "loha", "multiplier": 1.0, "linear_dim": 3, "linear_alpha": 6}, "test"),
+], ids=["dora", "lokr", "loha"])
+def test_each_adapter_trains_over_an_int8_quanto_base_and_exports_for_comfyui(plan):
+    """peft wraps quanto's QLinear (an nn.Linear); DoRA reads its dequantised weights, and so does its ComfyUI scale."""
+    from trainer.model.quantization import quantize_transformer
+
+    model = _transformer()
+    quantize_transformer(model, parse_train_config({"base_model_precision": "int8-quanto", "mixed_precision": "no"}),
+                         torch.device("cpu"), stay_on_cpu=[])
+    params = add_adapter(model, plan, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    out = model(hidden_states=torch.randn(1, 16, 64, generator=generator), encoder_hidden_states=torch.randn(1, 5, 32, generator=generator),
+                timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
+    out.pow(2).mean().backward()
+    assert sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params) > 0
+    for p in params:  # as after some training
+        p.data = torch.randn(p.shape, generator=generator) * 0.2
+    tensors = comfyui_tensors(model, lora_state_dict(model))
+    name, layer = next((n, m) for n, m in model.named_modules() if hasattr(m, "get_base_layer") and hasattr(m, "scaling"))
+    base = layer.get_base_layer().weight.dequantize().float()
+    torch.testing.assert_close(comfyui_patched_weight(base.clone(), tensors, f"diffusion_model.{name}"),
+                               _effective_weight(layer).float(), rtol=1e-3, atol=1e-4)
