@@ -116,6 +116,18 @@ def test_each_adapter_trains_exports_and_changes_a_fresh_pipelines_edit(project,
             assert handle.metadata()[ADAPTER_KEY] == "lokr"
 
 
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_the_validation_report_edits_with_the_lokr_and_loha_adapters(project, trained, small_references, kind):
+    """Validation after training loads each file its own way (trainer.model.adapters.load_adapter)."""
+    from trainer.data.pairing import read_manifest
+    from trainer.evaluation.validation import run_validation
+
+    config, out = trained[kind]
+    report = run_validation(config, read_manifest(project.manifest_path), out / "lora", out / "validation")
+    row = report.rows[0]
+    assert row.lora_image and row.base_image and report.summary
+
+
 @pytest.mark.parametrize("kind", list(ADAPTERS))
 def test_each_adapter_resumes_from_its_checkpoint_to_the_same_weights(project, trained, kind):
     _, out = trained[kind]

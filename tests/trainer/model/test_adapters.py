@@ -163,6 +163,14 @@ def test_the_training_config_refuses_adapter_combinations_peft_cannot_train(sett
         parse_train_config(settings)
 
 
+@pytest.mark.parametrize("settings", [{"use_dora": True}, {"lora_type": "lycoris", "lycoris_config": "x.json"}])
+def test_dora_and_lycoris_adapters_are_refused_under_fsdp_before_any_model_loads(settings):
+    from trainer.training.distributed import check_fsdp_config
+
+    with pytest.raises(ConfigError, match="not supported with FSDP here .*ddp.yaml"):
+        check_fsdp_config(parse_train_config(settings))
+
+
 def test_dora_is_peft_lora_with_use_dora():
     model = _adapted(adapter_plan(parse_train_config({"use_dora": True, "lora_rank": 4})))
     assert adapter_kind(model) == "dora" and model.peft_config["default"].use_dora
