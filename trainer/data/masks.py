@@ -62,8 +62,6 @@ def build_mask_cache(manifest: pd.DataFrame, dataset_config, config) -> int:
     from trainer.data.images import load_rgb
 
     written, wanted = 0, set()
-    folders = {dataset_config.training_set(e, config.flavour).vae_cache_dir / MASK_FOLDER
-               for e in dataset_config.image_entries if dataset_config.training_set(e, config.flavour).mask is not None}
     for row in manifest.to_dict("records"):
         path = mask_path(dataset_config, config, row)
         if path is None:
@@ -75,7 +73,7 @@ def build_mask_cache(manifest: pd.DataFrame, dataset_config, config) -> int:
             weights = latent_mask(load_rgb(row[MASK_COLUMN]), target_size(dataset_config, row), vae_scale_factor(config.flavour))
             _save(path, {"loss_mask": weights}, key, fingerprint)
             written += 1
-    prune_cache_folders(sorted(f for f in folders if f.is_dir()), wanted)
+    prune_cache_folders(sorted({p.parent for p in wanted}), wanted)  # as the VAE pass prunes its own folders
     return written
 
 

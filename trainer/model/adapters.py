@@ -53,13 +53,13 @@ NO_EFFECT_KEYS = {
     "conv_alpha": "the transformer has no convolutions",
     "use_tucker": "Tucker decomposition applies to convolutions only",
     "use_cp": "CP decomposition applies to convolutions only",
+    "wd_on_out": "it only orients weight_decompose (DoRA), which peft's LoKr/LoHa lack",
 }
 # settings peft's LoKr/LoHa lack: accepted only at the value that means "off"
 OFF_ONLY = {
     "dropout": (0, "LyCORIS' LoKr/LoHa do not implement plain dropout either; use rank_dropout or module_dropout"),
     "use_scalar": (False, "peft's LoKr/LoHa have no trained scalar"),
     "weight_decompose": (False, "peft's LoKr/LoHa have no DoRA (use_dora applies to lora_type 'standard')"),
-    "wd_on_out": (None, "only meaningful with weight_decompose"),
     "rs_lora": (False, "peft's LoKr/LoHa scale by alpha / rank only"),
     "unbalanced_factorization": (False, "peft's LoKr always factors the smaller part first"),
     "train_norm": (False, "only linear layers are adapted"),
