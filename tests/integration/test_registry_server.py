@@ -10,6 +10,7 @@ from tests.integration.servers import MlflowServer
 from tests.trainer.tracking.test_registry import check_promotion_sequence
 from trainer.cli import main
 from trainer.tracking.promotion import CHAMPION
+from trainer.tracking.registry import promote_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,6 +28,8 @@ def test_promotion_on_a_tracking_server(demo_root, tmp_path, capsys):
         champion = client.get_model_version_by_alias("promotion-server", CHAMPION)
         assert champion.source.startswith("mlflow-artifacts:/")  # stored by the server, not on this machine's path
         assert steps[2][0].new.url.startswith(server.url + "/#/models/promotion-server/versions/3")  # the server is its UI
+        again = promote_run(project.output_dir / "worse", project.config, server.url)  # found by run id through REST
+        assert (again.registered, again.new.version, again.decision.alias) == (False, "2", "challenger")
         with tracking_uri_env(server.url):
             local = mlflow.artifacts.download_artifacts(f"models:/promotion-server@{CHAMPION}", dst_path=str(tmp_path / "dl"))
             assert main(["champion", "--config", str(project.config_path), "--root", str(project.root)]) == 0
