@@ -40,11 +40,6 @@ def trained_lora_asset(project: QwenEditProject, scope: ProjectScope = SINGLE) -
         ],
     )
     def trained_lora(context: dg.AssetExecutionContext, config: overrides_class):
-        from trainer.run_folders import default_run_name
-        from trainer.training.recipe import SUMMARY_NAME
-        from trainer.workflow import keep_manifest, new_run, training_command, training_env
-
-        pipes_subprocess_client: dg.PipesSubprocessClient = context.resources.pipes_subprocess_client
         point = scope.point_overrides(context)
         launchpad = config.as_overrides()
         if clash := sorted(set(point) & set(launchpad)):
@@ -53,6 +48,12 @@ def trained_lora_asset(project: QwenEditProject, scope: ProjectScope = SINGLE) -
                 "a point trains its own values: change the config's `sweep` instead, or remove them from the Launchpad"
             )
         overrides = {**point, **launchpad}
+
+        from trainer.run_folders import default_run_name
+        from trainer.training.recipe import SUMMARY_NAME
+        from trainer.workflow import keep_manifest, new_run, training_command, training_env
+
+        pipes_subprocess_client: dg.PipesSubprocessClient = context.resources.pipes_subprocess_client
         loaded = load_for_run(context, scope.project(context), overrides)
         dagster_run = context.run.run_id
         # a re-execution (from failure) continues in its original run's folder: `resume_from_checkpoint: latest`

@@ -86,9 +86,8 @@ def test_a_sweep_partitions_training_and_validation_over_its_grid_not_the_caches
 def test_the_sweep_schedule_retrains_every_point(projects):
     defs = _defs(projects)
     schedule = defs.resolve_schedule_def("product_swap_weekly_retrain")
-    with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime(2026, 1, 4, 3), repository_def=defs.get_repository_def())
-        requests = schedule.evaluate_tick(context).run_requests
+    context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 1, 4, 3), repository_def=defs.get_repository_def())
+    requests = schedule.evaluate_tick(context).run_requests
     assert [r.partition_key for r in requests] == POINTS
 
 
@@ -212,3 +211,18 @@ def test_the_example_projects_folder_loads_and_pairs_on_the_demo_data(demo_root)
     for project in found:
         manifest, report = check_data(project.resource.load())
         assert not report.errors and len(manifest) > 0, project.name
+
+
+def test_a_launchpad_override_of_a_swept_key_is_refused_before_training(projects):
+    """A point trains its own values: learning_rate from the Launchpad on a learning_rate sweep is one Failure
+    naming the key and the point (the trainer is never launched); a key the sweep leaves alone is not refused."""
+    defs = _defs(projects)
+    key = dg.AssetKey(["product_swap", "trained_lora"])
+    run_config = {"ops": {"product_swap__trained_lora": {"config": {"learning_rate": 0.01}}}}
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize(list(defs.assets), selection=[key], partition_key=POINTS[0], resources=defs.resources,
+                                run_config=run_config, instance=instance, raise_on_error=False)
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.event_specific_data.error.message
+    assert f"learning_rate: set by this partition's sweep point ({POINTS[0]}) and in the Launchpad" in message
+    assert "Traceback" not in failure.event_specific_data.error.message

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 POINTS = ["learning_rate=1e-3;lora_rank=4", "learning_rate=3e-3;lora_rank=4"]
 SMALL = {"n_train": 2, "max_train_steps": 2, "report_to": "mlflow", "checkpointing_steps": 100}
 
-ASSETS_QUERY = "{ assetNodes { assetKey { path } groupName pools partitionKeys } }"
+ASSETS_QUERY = "{ assetNodes { assetKey { path } groupName pools partitionKeys backfillPolicy { policyType maxPartitionsPerRun } } }"
 LAUNCH = """
 mutation ($params: ExecutionParams!) {
   launchRun(executionParams: $params) {
@@ -80,6 +80,9 @@ def test_the_webserver_shows_one_group_per_project_with_its_pools_and_the_sweep(
         assert nodes[f"{project}/trained_lora"]["pools"] == ["gpu"]  # one card: every project's GPU steps queue together
     assert nodes["relight/trained_lora"]["partitionKeys"] == POINTS
     assert nodes["relight/validation_report"]["partitionKeys"] == POINTS
+    # "Launch backfill" of the grid: one run per point, which the gpu pool then trains one at a time
+    for stage in ("trained_lora", "validation_report", "promotion"):
+        assert nodes[f"relight/{stage}"]["backfillPolicy"] == {"policyType": "MULTI_RUN", "maxPartitionsPerRun": 1}, stage
     assert nodes["relight/text_embeds"]["partitionKeys"] == [] and nodes["style/trained_lora"]["partitionKeys"] == []
 
 
@@ -122,3 +125,29 @@ def test_a_partitioned_training_launched_through_the_webserver_trains_its_point(
     # the other point was not trained
     other = projects_ui.graphql(MATERIALIZATIONS, {"path": ["relight", "trained_lora"], "partitions": [POINTS[0]]})
     assert other["assetOrError"]["assetMaterializations"] == []
+
+
+RELOAD = """
+mutation ($name: String!) {
+  reloadRepositoryLocation(repositoryLocationName: $name) { __typename ... on PythonError { message } }
+}"""
+
+
+def test_a_new_project_folder_appears_after_reload(projects_ui):
+    """What *Reload* on the code location does (Deployment page): the folder is read again, the new project
+    is a new group; the others stay as they were."""
+    from tests.integration.servers import wait_until
+
+    write_small_project(projects_ui.root / "projects" / "product-swap", projects_ui.root / "models",
+                        tracker_project_name="product-swap-lora", n_train=1)
+    reloaded = projects_ui.graphql(RELOAD, {"name": LOCATION})["reloadRepositoryLocation"]
+    assert reloaded["__typename"] == "WorkspaceLocationEntry", reloaded
+
+    def all_three_groups() -> bool:
+        try:
+            found = {n["groupName"] for n in projects_ui.graphql(ASSETS_QUERY)["assetNodes"]}
+        except AssertionError:  # an answer with errors while the location reloads
+            return False
+        return found == {"style", "relight", "product_swap"}
+
+    wait_until(all_three_groups, "the new project's group", 180, interval=2, alive=projects_ui.ui.process, log=projects_ui.ui.log_path)
