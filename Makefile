@@ -43,9 +43,11 @@ demo: setup
 	$(PY) scripts/dagster_quiet.py asset materialize -m qwen_edit_assets.definitions --select '*' --config-json '$(DEMO_RUN_CONFIG)'
 	$(PY) -m qwen_edit_assets.demo_summary
 
-## test: the whole suite (CPU only, tiny model), the integration tests last
+## test: the whole suite (CPU only, tiny model) on TEST_WORKERS pytest-xdist workers (each module on one worker,
+## the integration tests together on one; TEST_WORKERS=0 runs it in this process, integration tests last)
+TEST_WORKERS ?= 2
 test: setup system-packages
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 ## test-integration: only the integration tests (real Dagster servers, Chromium, PostgreSQL, MLflow server)
 test-integration: setup system-packages

@@ -13,9 +13,18 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def pytest_collection_modifyitems(items):
-    """Integration tests (real servers, a browser) run after everything else: unit failures show up first."""
-    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+def pytest_collection_modifyitems(config, items):
+    """Alone: integration tests (real servers, a browser) run after everything else, so unit failures show up first.
+
+    Under pytest-xdist (`make test` runs `-n 2`): each module's tests share a worker (its module fixtures, trained
+    runs among them, are built once), and all integration tests share one (one `make ui` session serves several
+    files). The integration group, the longest, then goes first, while the other worker takes the modules."""
+    parallel = hasattr(config, "workerinput")
+    items.sort(key=lambda item: (item.get_closest_marker("integration") is not None) != parallel)
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            group = "integration" if item.get_closest_marker("integration") else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ def _launch(project, **overrides) -> subprocess.Popen:
 
 def test_an_interrupted_run_resumes_to_the_same_weights(demo_root, tmp_path):
     """Killed mid-run, then relaunched with resume_from_checkpoint=latest: same LoRA as an uninterrupted run."""
-    steps = 60
+    steps = 30  # the kill lands at the first checkpoint (5): 25 steps left, so the run cannot end first
     settings = dict(max_train_steps=steps, checkpointing_steps=5, gradient_accumulation_steps=2, lr_scheduler="cosine")
     reference = prepare_small_project(tmp_path / "uninterrupted", demo_root, **settings)
     assert _launch(reference).wait() == 0
