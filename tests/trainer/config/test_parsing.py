@@ -17,7 +17,7 @@ def test_the_training_config_choices_are_its_literal_types():
         "model_type", "model_family", "model_flavour", "resolution_type", "crop_aspect", "lr_scheduler",
         "optimizer", "mixed_precision", "base_model_precision", "quantize_via", "ema_device", "report_to",
     }
-    assert choices["model_flavour"] == ("edit-v1", "edit-v2", "edit-v3")
+    assert choices["model_flavour"] == ("edit-v1", "edit-v2", "edit-v3", "edit-2.1")
     assert choices["resolution_type"] == ("pixel_area", "area", "pixel")  # from `ResolutionType | None`
     assert choices["mixed_precision"] == ("bf16", "fp16", "no")
     assert "seed" not in choices and "model_kwargs" not in choices  # not Literal-typed
