@@ -72,15 +72,28 @@ def cache_pass(root: Path, first: bool) -> dict:
     from trainer.data.caches import _run_cache_pass, sample_paths, vae_key
     from trainer.data.pairing import read_manifest
 
+    class Placeholder:  # the pass's encoder interface (trainer.data.cache_encoders), without a model
+        description, rows_per_chunk = "placeholder encode", 1
+
+        def order(self, row):
+            return ()
+
+        def prepare(self, pipe, row):
+            return None
+
+        def encode(self, pipe, chunk):
+            return [{"target": torch.zeros(16, 1, 1)} for _ in chunk]
+
     config, data = configs(root)
     manifest = read_manifest(root / "manifest.json")
     start = time.perf_counter()
     stats = _run_cache_pass(
         manifest,
+        Placeholder(),
         lambda row: sample_paths(data, config, row).vae,
         lambda row: vae_key(config, data, row),
-        lambda row: {"target": torch.zeros(16, 1, 1)},
-        "placeholder encode",
+        lambda: None,
+        torch.device("cpu"),
     )
     elapsed = time.perf_counter() - start
     return {"seconds": elapsed, "encoded": stats.encoded, "reused": stats.reused, "pairs": len(manifest)}

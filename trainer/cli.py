@@ -125,29 +125,56 @@ def memory_report(project, manifest, card_gb: float | None) -> list[str]:
 
 
 def cmd_cache(args) -> int:
-    from trainer.data.caches import build_text_cache, build_vae_cache
-    from trainer.workflow import check_data
+    from trainer.workflow import build_caches, check_data
 
-    project, _ = _load(args)
+    project, overrides = _load(args)
     manifest, _ = check_data(project)
-    for name, build in (("text embeddings", build_text_cache), ("VAE latents", build_vae_cache)):
-        stats = build(manifest, project.dataset_config, project.config)
-        print(f"{name}: {stats.encoded} encoded, {stats.reused} reused, {stats.pruned} pruned")
+    for line in cache_lines(build_caches(project, manifest, overrides)):
+        print(line)
     return 0
+
+
+CACHE_NAMES = {"text": "text embeddings", "vae": "VAE latents"}
+
+
+def cache_lines(stats: dict) -> list[str]:
+    """One line per cache: counts, and where it encoded anything its time and GPU peak."""
+    lines = []
+    for kind, s in stats.items():
+        line = f"{CACHE_NAMES[kind]}: {s.encoded} encoded, {s.reused} reused, {s.pruned} pruned"
+        if s.encoded:
+            line += f" in {s.seconds:.1f} s ({(s.seconds - s.load_seconds) / s.encoded:.3f} s/sample after {s.load_seconds:.1f} s loading"
+            if len(s.encoded_per_rank) > 1:
+                line += f"; {'+'.join(map(str, s.encoded_per_rank))} over {len(s.encoded_per_rank)} processes"
+            line += ")" + (f", GPU peak {s.peak_reserved_gib:.2f} GiB reserved" if s.peak_reserved_gib is not None else "")
+        lines.append(line)
+    return lines
+
+
+def peak_memory_line(caches: dict, training: dict, validation: dict) -> str | None:
+    """Each phase's peak GPU memory (GiB allocated / reserved), or None off CUDA."""
+    phases = [(f"caching {CACHE_NAMES[kind]}", {"allocated": s.peak_allocated_gib, "reserved": s.peak_reserved_gib})
+              for kind, s in caches.items() if s.peak_reserved_gib is not None]
+    phases += [(f"training {name}", peak) for name, peak in training.items() if peak]
+    phases += [("validation", validation)] if validation else []
+    if not phases:
+        return None
+    return "peak GPU memory (GiB allocated / reserved): " + ", ".join(
+        f"{name} {peak['allocated']:.2f} / {peak['reserved']:.2f}" for name, peak in phases
+    )
 
 
 def cmd_train(args) -> int:
     import json
 
     from trainer.config.parsing import parse_override
-    from trainer.data.caches import build_text_cache, build_vae_cache
     from trainer.evaluation.means import means_table
     from trainer.evaluation.validation import log_to_mlflow, run_validation
     from trainer.run_folders import default_run_name
     from trainer.tracking.loss_summary import FINAL_LOSS
     from trainer.tracking.store import parse_tag, tracking_uri
     from trainer.training.recipe import SUMMARY_NAME
-    from trainer.workflow import check_data, new_run, run_training_subprocess
+    from trainer.workflow import build_caches, check_data, new_run, run_training_subprocess
 
     tags = dict(parse_tag(t) for t in args.tags)
     project, overrides = _load(args)
@@ -159,8 +186,9 @@ def cmd_train(args) -> int:
     for warning in report.warnings:
         print(f"warning: {warning}")
     print("2/4 caching text embeddings and VAE latents")
-    build_text_cache(manifest, run.dataset_config, run.config)
-    build_vae_cache(manifest, run.dataset_config, run.config)
+    caches = build_caches(run, manifest, overrides)
+    for line in cache_lines(caches):
+        print(line)
     print("3/4 training")
     run_training_subprocess(run, overrides, tags)
     print("4/4 validating")

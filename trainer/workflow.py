@@ -125,6 +125,56 @@ def load_manifest(project: Project) -> pd.DataFrame:
     return read_manifest(project.manifest_path)
 
 
+CACHE_SUMMARY_NAME = "cache_summary.json"
+
+
+def build_caches(project: Project, manifest: pd.DataFrame, overrides: dict | None = None, num_processes: int | None = None) -> dict:
+    """Both caches (text embeddings, then VAE latents), their stats in output_dir/cache_summary.json.
+
+    One process per visible GPU: with several, `accelerate launch -m trainer.cache` shares the manifest
+    between them (trainer.data.cache_ranks); with one (or none) it runs here. Either way the encoders
+    are freed before this returns: none of them is on the card while the transformer trains.
+    """
+    import torch
+
+    from trainer.data.caches import CacheStats, build_text_cache, build_vae_cache
+
+    processes = num_processes or max(1, torch.cuda.device_count())
+    summary = project.output_dir / CACHE_SUMMARY_NAME
+    if processes > 1:
+        command = caching_command(project, processes, summary, overrides)
+        done = subprocess.run(command, env=training_env(project), cwd=project.root)
+        if done.returncode != 0:  # its rank 0 printed the `error:` line
+            from trainer.errors import QwenEditError
+
+            raise QwenEditError(f"caching stopped (exit status {done.returncode}, its message is above)")
+        return {kind: CacheStats.from_json(stats) for kind, stats in json.loads(summary.read_text())["caches"].items()}
+    stats = {"text": build_text_cache(manifest, project.dataset_config, project.config),
+             "vae": build_vae_cache(manifest, project.dataset_config, project.config)}
+    write_cache_summary(summary, stats, processes=1)
+    return stats
+
+
+def write_cache_summary(path: Path, stats: dict, processes: int) -> None:
+    from trainer.io import atomic_write_json
+
+    atomic_write_json(path, {"processes": processes, "caches": {kind: s.to_json() for kind, s in stats.items()}})
+
+
+def caching_command(project: Project, processes: int, summary: Path, overrides: dict | None = None) -> list[str]:
+    """`accelerate launch` of `trainer.cache` on `processes` processes (one per GPU; on a machine without
+    one, CPU processes over gloo: trainer.data.cache_ranks)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", str(processes),
+               "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no", "--multi_gpu",
+               "-m", "trainer.cache", "--config", str(project.config_path), "--data", str(project.data_path),
+               "--manifest", str(project.manifest_path), "--project-root", str(project.root), "--summary", str(summary)]
+    if project.run_name is not None:
+        command += ["--run-name", project.run_name]
+    for key, value in (overrides or {}).items():  # as training_command writes them
+        command += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return command
+
+
 def new_run(project: Project, run_name: str) -> Project:
     """The project of a new training run: its own folder under output_dir (trainer.run_folders), or the
     folder of the interrupted run of that name when the config resumes (`resume_from_checkpoint`)."""

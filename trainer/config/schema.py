@@ -47,6 +47,8 @@ _RANGES = {
     "flow_beta_schedule_beta": (0, 1000),
     "scheduled_sampling_steps": (1, 1000),
     "blocks_to_swap": (0, 1000),
+    "vae_batch_size": (1, 1024),
+    "cache_workers": (0, 256),
     "checkpointing_steps": (1, MAX_COUNT),
     "checkpoints_total_limit": (1, MAX_COUNT),
     "validation_guidance": (0, 100),
@@ -106,6 +108,22 @@ class TrainConfig(BaseModel):
         description=(
             "chance per step of training on the empty instruction (references kept); keep 0.0 for edit "
             "training"
+        ),
+    )
+    # the cache stage (trainer.data.caches): how fast, never what it computes
+    vae_batch_size: int = Field(
+        1, ge=1,
+        description=(
+            "caching: images of one size VAE-encoded together (SimpleTuner's key). 1 keeps the latents bit-identical "
+            "to the pipeline's own encode (at 1024x1024 a batch is no faster on an H200); larger batches help small "
+            "images and equal them to float rounding; a batch that runs out of GPU memory is encoded in halves"
+        ),
+    )
+    cache_workers: int = Field(
+        4, ge=0,
+        description=(
+            "caching: threads that decode and prepare the next samples (images, the VL processor) while the "
+            "GPU encodes; 0 prepares each sample in the main thread. Results are the same for any value"
         ),
     )
     # SimpleTuner's global defaults for every dataset entry that does not set its own

@@ -28,7 +28,6 @@ class ForeignKey:
 _NO_HUB = "qwen-edit does not upload to the Hugging Face Hub; publish output_dir/lora yourself"
 
 TRAIN_KEYS: dict[str, ForeignKey] = {
-    "vae_batch_size": ForeignKey("samples are encoded one at a time; the content-addressed caches make re-encoding rare"),
     "write_batch_size": ForeignKey("cache files are written one per sample"),
     "disable_benchmark": ForeignKey("there is no startup benchmark"),
     "aspect_bucket_rounding": ForeignKey("bucket sides are rounded to multiples of 32, as the pipelines round theirs"),

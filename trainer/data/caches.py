@@ -4,13 +4,19 @@ Each file records a fingerprint of everything that went into it (image bytes, ca
 preprocessing, model, flavour) in its safetensors metadata. A cache pass encodes only samples
 whose fingerprint changed and prunes files whose sample left the manifest. Files are written
 to a temp name and renamed, so a reader never sees half a file.
+
+A pass keeps the device busy: worker threads decode and prepare the next samples (`cache_workers`), the
+main thread runs the encoder (the VAE on batches of same-sized images, `vae_batch_size`), a writer
+thread writes the files (trainer.data.cache_threads, cache_encoders); under `accelerate launch`
+(`trainer.cache`) each rank encodes its share (trainer.data.cache_ranks).
 """
 
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -20,18 +26,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from trainer.config.schema import TrainConfig
+from trainer.data.cache_ranks import CacheRanks
 from trainer.data.dataset_config import DatasetConfig
 from trainer.data.images import crop_to_aspect, load_image
 from trainer.data.pairing import reference_paths
 from trainer.io import atomic_write_with
-from trainer.model.conditioning import (
-    PromptEmbedding,
-    embed_prompt,
-    encode_image_latents,
-    prepare_references,
-    preprocess_target,
-    references_take_target_area,
-)
+from trainer.model.conditioning import PromptEmbedding, references_take_target_area
 from trainer.model.loading import compute_dtype, default_device, load_pipeline
 
 # bump when what a cache file holds changes; "2": strict references cropped at their own
@@ -42,13 +42,26 @@ CACHE_FORMAT = "2"
 
 @dataclass(frozen=True)
 class CacheStats:
-    encoded: int
+    encoded: int  # over every rank
     reused: int
     pruned: int
     folders: tuple[str, ...]
+    seconds: float = 0.0  # the whole pass: checks, loading, encoding, writing, pruning
+    load_seconds: float = 0.0  # of that, loading the encoder
+    peak_allocated_gib: float | None = None  # this process's GPU peak during the pass (None off CUDA)
+    peak_reserved_gib: float | None = None
+    reserved_after_gib: float | None = None  # still reserved once the encoder is freed (the training process's to use)
+    encoded_per_rank: tuple[int, ...] = ()
 
     def as_metadata(self) -> dict:
         return {"encoded": self.encoded, "reused": self.reused, "pruned": self.pruned, "folders": list(self.folders)}
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "folders": list(self.folders), "encoded_per_rank": list(self.encoded_per_rank)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CacheStats":
+        return cls(**{**data, "folders": tuple(data["folders"]), "encoded_per_rank": tuple(data.get("encoded_per_rank", ()))})
 
 
 @dataclass(frozen=True)
@@ -219,56 +232,97 @@ def prune_cache_folders(folders, wanted: set[Path]) -> int:
 
 def _run_cache_pass(
     manifest: pd.DataFrame,
+    encoder,
     path_of: Callable[[object], Path],
     key_of: Callable[[object], CacheKey],
-    encode: Callable[[object], dict[str, torch.Tensor]],
-    description: str,
+    pipeline: Callable[[], object],
+    device: torch.device,
+    ranks: CacheRanks | None = None,
+    workers: int = 0,
 ) -> CacheStats:
+    """Encode the rows whose file is missing or stale (`encoder`: trainer.data.cache_encoders), prune the rest.
+
+    Rows are checked on every rank before any writes (trainer.data.cache_ranks); this rank's chunks are
+    prepared `workers` rows ahead on threads, encoded here, and written on a writer thread. The pipeline
+    is loaded only when something needs encoding, and its memory is given back at the end.
+    """
+    from trainer.data.cache_threads import BackgroundWriter, prepared_in_order
+    from trainer.model.peak_memory import measured_peak, release_cached_memory
+
+    ranks = ranks or CacheRanks()
+    started = time.perf_counter()
     rows = manifest.to_dict("records")  # plain dicts: iterrows costs ~30 µs a row
-    stale = []
+    stale, refresh = [], []
     for row in rows:
         key = key_of(row)
         current, fingerprint, missed = is_current(path_of(row), key)
         if not current:
             stale.append((row, key, fingerprint))
         elif missed:  # same contents, files touched or moved: refresh the shortcut, no encoding
+            refresh.append((row, key, fingerprint))
+    ranks.wait()  # every rank has decided from the same files before any of them writes
+    for index, (row, key, fingerprint) in enumerate(refresh):
+        if ranks.owns(index):
             _save(path_of(row), load_file(str(path_of(row))), key, fingerprint)
-    for row, key, fingerprint in tqdm(stale, desc=description, unit="sample", disable=not stale):
-        _save(path_of(row), encode(row), key, fingerprint)
+    ordered = sorted(stale, key=lambda item: encoder.order(item[0]))  # stable: manifest order within an order
+    size = encoder.rows_per_chunk
+    chunks = [chunk for index, chunk in enumerate(ordered[i : i + size] for i in range(0, len(ordered), size)) if ranks.owns(index)]
+    mine = [item for chunk in chunks for item in chunk]
+    load_seconds, reserved_after = 0.0, 0.0
+    with measured_peak(device) as peak:
+        if mine:
+            loading = time.perf_counter()
+            pipe = pipeline()
+            load_seconds = time.perf_counter() - loading
+            prepared = prepared_in_order((row for row, _, _ in mine), lambda row: encoder.prepare(pipe, row), workers)
+            progress = tqdm(total=len(mine), desc=encoder.description, unit="sample", disable=not ranks.is_main)
+            try:
+                with BackgroundWriter(_save) as writer, progress:
+                    for chunk in chunks:
+                        files = encoder.encode(pipe, [next(prepared) for _ in chunk])
+                        for (row, key, fingerprint), tensors in zip(chunk, files, strict=True):
+                            writer.put(path_of(row), tensors, key, fingerprint)
+                        progress.update(len(chunk))
+            finally:
+                prepared.close()  # its worker threads stop
+            del pipe, prepared
+    if mine:
+        reserved_after = release_cached_memory(device)
+    encoded_per_rank = ranks.gather(len(mine))
+    ranks.wait()  # every rank's files are written
     wanted = {path_of(row) for row in rows}
     folders = sorted({p.parent for p in wanted})
-    pruned = prune_cache_folders(folders, wanted)
-    return CacheStats(len(stale), len(rows) - len(stale), pruned, tuple(str(f) for f in folders))
+    pruned = prune_cache_folders(folders, wanted) if ranks.is_main else 0
+    return CacheStats(
+        len(stale), len(rows) - len(stale), pruned, tuple(str(f) for f in folders),
+        seconds=round(time.perf_counter() - started, 3), load_seconds=round(load_seconds, 3),
+        peak_allocated_gib=peak.get("allocated"), peak_reserved_gib=peak.get("reserved"),
+        reserved_after_gib=reserved_after if mine and peak else None, encoded_per_rank=tuple(encoded_per_rank),
+    )
+
+
+def _pipeline_source(config: TrainConfig, device: torch.device, components: dict, pipeline=None) -> Callable[[], object]:
+    """What a pass encodes with: `pipeline` when given (a benchmark's model built in memory), else the
+    flavour's pipeline with only `components` loaded (never the transformer), when first needed."""
+    if pipeline is not None:
+        return lambda: pipeline
+    return lambda: load_pipeline(config, device, compute_dtype(config, device), **components)
 
 
 def build_text_cache(
-    manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig, device: torch.device | None = None
+    manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig, device: torch.device | None = None,
+    *, ranks: CacheRanks | None = None, pipeline=None,
 ) -> CacheStats:
     """Prompt embeddings with the reference images, as the pipeline's `encode_prompt` makes them."""
+    from trainer.data.cache_encoders import TextEmbeddingsEncoder
+
     device = device or default_device()
-    pipe = None
-
-    def encode(row) -> dict[str, torch.Tensor]:
-        nonlocal pipe
-        pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, vae=False)
-        size = reference_target_size(dataset_config, config, row)
-        images = load_references(dataset_config, config, row)
-        refs = prepare_references(pipe, config.flavour, images, size)
-        tensors = _embedding_tensors(embed_prompt(pipe, config.flavour, row["caption"], refs))
-        if config.caption_dropout_probability > 0:  # the instruction dropped, the references kept
-            tensors.update(_embedding_tensors(embed_prompt(pipe, config.flavour, "", refs), prefix="dropout_"))
-        if _random_reference(dataset_config, config, row):
-            for index, image in enumerate(images):
-                single = prepare_references(pipe, config.flavour, [image], size)
-                tensors.update(_embedding_tensors(embed_prompt(pipe, config.flavour, row["caption"], single), suffix=f"_ref{index}"))
-        return tensors
-
+    encoder = TextEmbeddingsEncoder(dataset_config, config, pin_memory=device.type == "cuda")
     return _run_cache_pass(
-        manifest,
+        manifest, encoder,
         lambda row: sample_paths(dataset_config, config, row).text,
         lambda row: text_key(config, dataset_config, row),
-        encode,
-        "text embeddings",
+        _pipeline_source(config, device, encoder.components, pipeline), device, ranks, config.cache_workers,
     )
 
 
@@ -287,34 +341,22 @@ def _embedding_of(text: dict[str, torch.Tensor], prefix: str = "", suffix: str =
 
 
 def build_vae_cache(
-    manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig, device: torch.device | None = None
+    manifest: pd.DataFrame, dataset_config: DatasetConfig, config: TrainConfig, device: torch.device | None = None,
+    *, ranks: CacheRanks | None = None, pipeline=None,
 ) -> CacheStats:
     """Normalised VAE latents of the target (at its bucket size) and of each reference; the loss masks beside them."""
     from trainer.data.masks import build_mask_cache
 
     build_mask_cache(manifest, dataset_config, config)  # no model needed: a resize per mask
+    from trainer.data.cache_encoders import VaeLatentsEncoder
+
     device = device or default_device()
-    pipe = None
-
-    def encode(row) -> dict[str, torch.Tensor]:
-        nonlocal pipe
-        pipe = pipe or load_pipeline(config, device, compute_dtype(config, device), transformer=False, text_encoder=False)
-        size = target_size(dataset_config, row)
-        refs = prepare_references(
-            pipe, config.flavour, load_references(dataset_config, config, row), reference_target_size(dataset_config, config, row)
-        )
-        target = load_image(row["target_path"], config.flavour.keeps_alpha)
-        tensors = {"target": encode_image_latents(pipe, preprocess_target(pipe, target, size))}
-        for index, image in enumerate(refs.vae_images):
-            tensors[f"reference_{index}"] = encode_image_latents(pipe, image)
-        return tensors
-
+    encoder = VaeLatentsEncoder(dataset_config, config, pin_memory=device.type == "cuda")
     return _run_cache_pass(
-        manifest,
+        manifest, encoder,
         lambda row: sample_paths(dataset_config, config, row).vae,
         lambda row: vae_key(config, dataset_config, row),
-        encode,
-        "VAE latents",
+        _pipeline_source(config, device, encoder.components, pipeline), device, ranks, config.cache_workers,
     )
 
 

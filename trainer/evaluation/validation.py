@@ -8,6 +8,7 @@ and in pixels (`trainer.evaluation.metrics`: PSNR, SSIM, edit success, preservat
 shift; meaningful for a model whose VAE reconstructs images, real or the trained demo model).
 """
 
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from html import escape
@@ -37,6 +38,7 @@ from trainer.model.conditioning import (
     references_take_target_area,
 )
 from trainer.model.loading import compute_dtype, default_device, load_pipeline, load_transformer
+from trainer.model.peak_memory import peak_gib, reset_peak
 from trainer.tracking.mlflow_run import outage_tolerant
 
 MAX_TRAIN_ROWS_WITHOUT_EVAL = 4
@@ -61,6 +63,8 @@ class ValidationReport:
     grid_path: Path
     summary: dict[str, float]
     source_split: str
+    timing: dict[str, float] = field(default_factory=dict)  # seconds per phase, edits made, s per edit
+    peak_memory_gib: dict[str, float] = field(default_factory=dict)  # after training: {allocated, reserved}; {} off CUDA
 
     def to_json(self) -> dict:
         return {
@@ -69,6 +73,8 @@ class ValidationReport:
             "grid_path": str(self.grid_path),
             "summary": self.summary,
             "source_split": self.source_split,
+            "timing": self.timing,
+            "peak_memory_gib": self.peak_memory_gib,
         }
 
 
@@ -143,9 +149,11 @@ def run_validation(
     """After training: a fresh pipeline, edits without and then with the exported LoRA file.
 
     A quantised base (`base_model_precision`) or `blocks_to_swap` loads the transformer as training
-    does, so that validation fits the card training fitted; the encoders take turns with it there."""
+    does, so that validation fits the card training fitted; the encoders take turns with it there.
+    The report carries the run's GPU peak, loading included."""
     device = device or default_device()
     dtype = compute_dtype(config, device)
+    reset_peak(device)
     if config.base_model_precision == "no_change" and not config.blocks_to_swap:
         pipe = load_pipeline(config, device, dtype)
 
@@ -153,7 +161,7 @@ def run_validation(
             if stage == "lora":
                 load_adapter(pipe, lora_dir)  # LoRA/DoRA by load_lora_weights, LoKr/LoHa their own way; safetensors only
 
-        return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use)
+        return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use, peak_since_reset=True)
     from trainer.model.block_swap import BlockSwap
 
     pipe = load_pipeline(config, torch.device("cpu"), dtype, transformer=False)
@@ -170,7 +178,9 @@ def run_validation(
             transformer.enable_adapters() if stage == "lora" else transformer.disable_adapters()  # any peft adapter
 
     try:
-        return validate(pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use_adapters, turns)
+        return validate(
+            pipe, config, manifest, out_dir, ("base", "lora") if lora_dir else ("base",), use_adapters, turns, peak_since_reset=True
+        )
     finally:
         turns.restore()
 
@@ -219,11 +229,14 @@ def run_live_validation(
 
 
 def validate(
-    pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, stages: tuple[str, ...], use, turns=None
+    pipe, config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, stages: tuple[str, ...], use, turns=None,
+    peak_since_reset: bool = False,
 ) -> ValidationReport:
     """Edit every validation pair once per stage (`use(stage)` readies the pipe), score, write the report.
 
-    `turns` (a `TakingTurns`) puts only each phase's components on the card: encoders, transformer, VAE."""
+    `turns` (a `TakingTurns`) puts only each phase's components on the card: encoders, transformer, VAE.
+    `peak_since_reset`: the report carries the GPU peak since the caller reset it (validation after
+    training; never during it, where that would reset the training loop's peak)."""
     phase = turns.phase if turns is not None else (lambda name: nullcontext())
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -232,23 +245,31 @@ def validate(
     rows = [ValidationRow(r["name"], r["caption"], reference_paths(r), r["target_path"]) for _, r in rows_df.iterrows()]
     if config.validation_prompt and rows:  # the user's own instruction on the first pair's references
         rows.append(ValidationRow(PROMPT_ROW, config.validation_prompt, list(rows[0].references), target=""))
+    started = time.perf_counter()
     with phase("encode"):
         conditioning = {
             row.name: encode_conditioning(pipe, config, row.caption, [load_image(p, config.flavour.keeps_alpha) for p in row.references])
             for row in tqdm(rows, desc="validation: encoding", unit="pair")
         }
     outputs = {}
+    encoded = time.perf_counter()
     with phase("generate"):
         for stage in stages:
             use(stage)
             for row in tqdm(rows, desc=f"validation: {stage} edits", unit="pair"):
                 outputs[(stage, row.name)] = edit_latents(pipe, config, conditioning[row.name])
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the edits' time, not their queueing
+    generated = time.perf_counter()
     with phase("decode"):
         _decode_and_score(pipe, config, rows, stages, outputs, out_dir)
+    timing = {"encode_s": encoded - started, "generate_s": generated - encoded, "decode_s": time.perf_counter() - generated,
+              "edits": len(outputs), "generate_s_per_edit": (generated - encoded) / max(1, len(outputs))}
     summary = mean_metrics(rows)
     grid = write_grid(rows, out_dir / "validation_grid.png", cell=max(96, min(256, width)))
     html = write_html(rows, out_dir / "report.html", config, split, summary)
-    report = ValidationReport(rows, html, grid, summary, split)
+    report = ValidationReport(rows, html, grid, summary, split, {k: round(v, 4) for k, v in timing.items()},
+                              peak_gib() if peak_since_reset else {})
     atomic_write_json(out_dir / "report.json", report.to_json())
     return report
 

@@ -27,6 +27,7 @@ from trainer.model.loading import load_transformer
 from trainer.model.adapters import adapter_plan, add_adapter, comfyui_tensors
 from trainer.model.lora import LORA_WEIGHTS_NAME, adapter_metadata, load_lora_state_dict, lora_state_dict, save_lora
 from trainer.model.memory import OffloadActivations, offload_optimizer_state, use_expandable_segments
+from trainer.model.peak_memory import peak_gib, reset_peak
 from trainer.model.quantization import quantize_transformer, repeated_blocks
 from trainer.model.speed import apply_speed_settings
 from trainer.tracking.loss_summary import FINAL_LOSS, final_loss
@@ -113,6 +114,8 @@ class LoraTrainingRecipe:
         self.output_dir = dataset_config.resolve(config.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.notices: list[str] = []  # see _notice
+        self.peak_memory_gib: dict[str, dict[str, float]] = {}  # per phase, filled by run_training
+        self.step_ends: list[float] = []  # perf_counter when each step's statistics were read
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -343,6 +346,7 @@ class LoraTrainingRecipe:
         validation and checkpoint of that step."""
         config, step = self.config, queued.step
         step_loss, norm = self._step_statistics(queued.losses, queued.grad_norm)
+        self.step_ends.append(time.perf_counter())  # the step has run on the device: its statistics were read
         if self._nonfinite_step(step + 1, step_loss, norm, queued.skip_update, queued.losses):  # raises NonFiniteError to stop
             reporter.log(f"step {step + 1}: skipped, {self.nonfinite.skipped[-1]['reason']} (samples {self.nonfinite.skipped[-1]['samples']})")
             return
@@ -497,6 +501,8 @@ def _run_training(
 ) -> TrainResult | None:
     recipe = LoraTrainingRecipe(config, dataset_config, manifest_path, project_root, tags, cache_command)
     recipe.setup()
+    recipe.peak_memory_gib["setup"] = peak_gib(recipe.accelerator.device)  # loading, quantising, LoRA (since CUDA started)
+    reset_peak(recipe.accelerator.device)
     is_main = recipe.accelerator.is_main_process
     started = time.time()
     with open_reporter(is_main) as reporter:
@@ -536,6 +542,7 @@ def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: Mlf
 
     try:
         recipe.train(reporter, on_step)
+        recipe.peak_memory_gib["train"] = peak_gib(recipe.accelerator.device)  # the loop (live validations included)
     finally:
         progress.close()  # an error message then starts on a line of its own
     held_out_base, held_out_lora = recipe.held_out_losses()  # every rank: FSDP's forwards are collectives
@@ -557,6 +564,8 @@ def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: Mlf
     )
     # the loss_decreased check's numbers: the same fixed σ and noise with the adapters off and on
     result.extra.update(held_out_base_loss=held_out_base, held_out_lora_loss=held_out_lora)
+    # rank 0's GPU peaks per phase ({} off CUDA) and its steady step time (consecutive steps' ends, the first left out)
+    result.extra.update(peak_memory_gib=recipe.peak_memory_gib, seconds_per_step=steady_step_seconds(recipe.step_ends))
     if recipe.nonfinite.skipped:
         result.extra["skipped_steps"] = recipe.nonfinite.skipped
     curve = plot_loss(history, recipe.output_dir / "loss_curve.png")
@@ -591,6 +600,12 @@ def _train_and_save(recipe: LoraTrainingRecipe, reporter: Reporter, tracker: Mlf
         f"base {held_out_base:.5f})"
     )
     return result
+
+
+def steady_step_seconds(ends: list[float]) -> float | None:
+    """The median time between consecutive steps' ends, the first interval (warm-up) left out when there are more."""
+    gaps = sorted([b - a for a, b in zip(ends, ends[1:])][1 if len(ends) > 3 else 0 :])
+    return round(gaps[len(gaps) // 2], 4) if gaps else None
 
 
 def _progress_bar(recipe: LoraTrainingRecipe, is_main: bool):

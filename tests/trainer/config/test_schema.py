@@ -102,6 +102,7 @@ def test_the_spec_key_lists_cover_the_whole_schema_except_documented_extras():
         "masked_loss_probability",  # tests/trainer/training/test_masked_loss.py
         "sweep", "dagster_pool",  # tests/trainer/config/test_sweep.py, tests/assets/test_projects.py
         "registered_model_name", "promotion_metric", "promotion_direction", "promotion_margin",  # tests/trainer/tracking/test_promotion.py
+        "vae_batch_size", "cache_workers",  # tests/trainer/data/test_cache_speed.py
     }  # fmt: skip
     assert set(TrainConfig.model_fields) == set(GUIDE_KEYS) | set(SIMPLETUNER_KEYS) | extras
 
