@@ -52,12 +52,19 @@ def host_bytes(module: torch.nn.Module | None) -> int:
     return sum(t.numel() * t.element_size() for t in _leaves(module) if t.device.type == "cpu")
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:<current>`: torch.cuda's memory queries refuse a CUDA device without an index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class TakingTurns:
     """`with turns.phase("encode"): ...` puts that phase's components on `device` and, when they take
     turns, everything else in CPU memory. `one_at_a_time=None` decides from the free memory."""
 
     def __init__(self, pipe, device: torch.device, one_at_a_time: bool | None = None):
-        self.pipe, self.device = pipe, torch.device(device)
+        self.pipe, self.device = pipe, _indexed(torch.device(device))
         if one_at_a_time is None:
             one_at_a_time = self.device.type == "cuda" and not self._all_fit()
         self.one_at_a_time = one_at_a_time
