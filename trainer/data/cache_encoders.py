@@ -2,7 +2,8 @@
 
 `prepare(pipe, row)` is the host's half: decoding, strict crops, the pipeline's resizing and, for the
 prompt, the VL processor (`trainer.model.split_encoding`). It runs on worker threads. `encode(pipe,
-prepared)` is the device's half, on the main thread, for a chunk of rows: the text encoder one prompt
+prepared)` is the device's half, on the main thread, for a chunk of rows (its tensors may stay on the
+device, queued: the writer thread copies them over): the text encoder one prompt
 at a time (padding a batch of prompts would change their values), the VAE in batches of same-sized
 images (`vae_batch_size`). The tensors are those the one-sample-at-a-time code computed: the same
 pipeline functions on the same inputs (batched VAE encodes: equal within float rounding).
@@ -83,7 +84,7 @@ class TextEmbeddingsEncoder:
             for prefix, suffix, inputs in prompts:
                 embedding = _embedding(encode_prompt_inputs(pipe, inputs))
                 tensors.update(_embedding_tensors(embedding, prefix=prefix, suffix=suffix))
-            files.append({name: t.to("cpu") for name, t in tensors.items()})
+            files.append(tensors)  # on the device: the writer thread copies them over (trainer.data.caches._save)
         return files
 
 
@@ -128,16 +129,15 @@ class VaeLatentsEncoder:
             for name, image in images.items():
                 groups.setdefault(tuple(image.shape), []).append((index, name, image))
         batch = self.config.vae_batch_size
-        queued = []  # encodes are queued back to back; the device is waited for once, below
+        files: list[dict[str, torch.Tensor]] = [{} for _ in chunk]
         for members in groups.values():
             for start in range(0, len(members), batch):
                 part = members[start : start + batch]
-                queued.append((part, self._encode_batch(pipe, [image for _, _, image in part])))
-        files: list[dict[str, torch.Tensor]] = [{} for _ in chunk]
-        for part, latents in queued:
-            latents = latents.to("cpu")
-            for (index, name, _), latent in zip(part, latents):
-                files[index][name] = latent.clone()  # a file's tensors must not share storage (safetensors)
+                latents = self._encode_batch(pipe, [image for _, _, image in part])
+                for (index, name, _), latent in zip(part, latents):
+                    files[index][name] = latent
+        # still on the device and not waited for: the writer thread copies each file over while the next
+        # chunk's encodes are queued behind it (trainer.data.caches._save)
         return [{name: tensors[name] for name in images} for tensors, images in zip(files, chunk)]  # the row's own order
 
     def _encode_batch(self, pipe, images: list[torch.Tensor]) -> torch.Tensor:

@@ -14,8 +14,10 @@ thread writes the files (trainer.data.cache_threads, cache_encoders); under `acc
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -205,9 +207,17 @@ def is_current(path: Path, key: CacheKey) -> tuple[bool, str, bool]:
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], key: CacheKey, fingerprint: str) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tensors = {k: _host_copy(v) for k, v in tensors.items()}
     metadata = {"fingerprint": fingerprint, "quick": key.quick(), WRITER_KEY: WRITER}
     atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor of its own: a device tensor is copied over (on the writer thread that waits for it, in the
+    device's order, while the main thread queues the next encode); a CPU view of a batch is cloned (one file's
+    tensors must not share storage with each other, safetensors refuses that)."""
+    tensor = tensor.detach()
+    return tensor.to("cpu").contiguous() if tensor.device.type != "cpu" else tensor.contiguous().clone()
 
 
 WRITER_KEY, WRITER = "written_by", "qwen-edit cache"  # in every cache file's metadata: pruning deletes only these
@@ -269,7 +279,7 @@ def _run_cache_pass(
     chunks = [chunk for index, chunk in enumerate(ordered[i : i + size] for i in range(0, len(ordered), size)) if ranks.owns(index)]
     mine = [item for chunk in chunks for item in chunk]
     load_seconds, reserved_after = 0.0, 0.0
-    with measured_peak(device) as peak:
+    with measured_peak(device) as peak, _prompt_gil_handoff():
         if mine:
             loading = time.perf_counter()
             pipe = pipeline()
@@ -299,6 +309,18 @@ def _run_cache_pass(
         peak_allocated_gib=peak.get("allocated"), peak_reserved_gib=peak.get("reserved"),
         reserved_after_gib=reserved_after if mine and peak else None, encoded_per_rank=tuple(encoded_per_rank),
     )
+
+
+@contextmanager
+def _prompt_gil_handoff(seconds: float = 0.0005):
+    """While the workers prepare, the main thread gets the GIL back within `seconds` (Python's default: 5 ms)
+    after each wait for the device: each such wait is otherwise a gap in which the device idles."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def _pipeline_source(config: TrainConfig, device: torch.device, components: dict, pipeline=None) -> Callable[[], object]:
