@@ -45,7 +45,8 @@ demo: setup
 
 ## test: the whole suite (CPU only, tiny model) on TEST_WORKERS pytest-xdist workers (each module on one worker,
 ## the integration tests together on one; TEST_WORKERS=0 runs it in this process, integration tests last)
-TEST_WORKERS ?= 2
+# 0 (one process) until the 2-worker run is shown green: a parallel run had 3 failures not yet read
+TEST_WORKERS ?= 0
 test: setup system-packages
 	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
