@@ -9,11 +9,10 @@ others, prunes, and writes the summary the launcher reads back.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 from trainer.config.parsing import parse_override
-from trainer.errors import QwenEditError
+from trainer.errors import exit_status
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,12 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.training.run_lock import exit_with_parent
 
     exit_with_parent()  # killing `accelerate launch` must not leave this process encoding on
-    args = parse_args(argv)
-    try:
-        return _cache(args)
-    except QwenEditError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    return exit_status(_cache, parse_args(argv))
 
 
 def _cache(args: argparse.Namespace) -> int:

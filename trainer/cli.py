@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.errors import QwenEditError
+from trainer.errors import QwenEditError, exit_status
 
 DEMO_DIR = Path("demo")
 
@@ -444,11 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Bad input of any kind (config, data, paths, unwritable outputs) ends with one `error:` line and exit status 2."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except QwenEditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(args.func, args)
 
 
 if __name__ == "__main__":

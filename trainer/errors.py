@@ -1,7 +1,11 @@
 """User-facing errors: each names the file, key or value at fault and says how to fix it."""
 
 import difflib
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+Args = TypeVar("Args")
 
 
 class QwenEditError(Exception):
@@ -19,6 +23,15 @@ class DataError(QwenEditError):
 class OutputError(QwenEditError, OSError):
     """A file could not be written (name too long, no permission, disk full, a file where a folder
     should be). Also an OSError, so code that handles failed writes keeps working."""
+
+
+def exit_status(command: Callable[[Args], int], args: Args) -> int:
+    """`command(args)`'s exit status; a user error is its one `error:` line and status 2, no traceback."""
+    try:
+        return command(args)
+    except QwenEditError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 def suggest(value: str, options: Iterable[str], list_all: bool = True) -> str:

@@ -10,11 +10,10 @@ LoRA on the transformer with flow matching exactly as the diffusers pipeline con
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 from trainer.config.parsing import parse_override
-from trainer.errors import QwenEditError
+from trainer.errors import exit_status
 from trainer.tracking.store import parse_tag
 from trainer.training.recipe import run_training
 
@@ -37,12 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.training.run_lock import exit_with_parent
 
     exit_with_parent()  # killing `accelerate launch` must not leave this process training on as an orphan
-    args = parse_args(argv)
-    try:
-        return _train(args)
-    except QwenEditError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    return exit_status(_train, parse_args(argv))
 
 
 def _train(args: argparse.Namespace) -> int:
