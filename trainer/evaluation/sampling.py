@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
 from trainer.model import conditioning_21
 from trainer.model.conditioning import img_shapes, pack
+from trainer.training.flow_matching import DynamicShift
 
 
 @dataclass
@@ -57,15 +58,7 @@ def generate_latents(
     references = torch.cat([pack(r[None].to(device, dtype)) for r in cond.references], dim=1)
     shapes = img_shapes(noise[0, 0], [r[None] for r in cond.references])
 
-    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    config = scheduler.config
-    mu = calculate_shift(
-        latents.shape[1],
-        config.get("base_image_seq_len", 256),
-        config.get("max_image_seq_len", 4096),
-        config.get("base_shift", 0.5),
-        config.get("max_shift", 1.15),
-    )
+    sigmas, mu = _sigmas_and_mu(scheduler, num_inference_steps, latents.shape[1])
     timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
     scheduler.set_begin_index(0)
     do_cfg = true_cfg_scale > 1 and cond.negative_prompt_embeds is not None
@@ -96,16 +89,9 @@ def generate_latents(
 
 
 def _sigmas_and_mu(scheduler, num_inference_steps: int, image_tokens: int, sample_sigmas=None):
+    """The pipelines' schedule: linear sigmas (or the checkpoint's own) and the shift `mu` for `image_tokens`."""
     sigmas = sample_sigmas if sample_sigmas is not None else np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    config = scheduler.config
-    mu = calculate_shift(
-        image_tokens,
-        config.get("base_image_seq_len", 256),
-        config.get("max_image_seq_len", 4096),
-        config.get("base_shift", 0.5),
-        config.get("max_shift", 1.15),
-    )
-    return sigmas, mu
+    return sigmas, DynamicShift.from_scheduler_config(scheduler.config).mu(image_tokens)
 
 
 @torch.no_grad()

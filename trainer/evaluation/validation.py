@@ -114,29 +114,12 @@ def encode_conditioning(pipe, config: TrainConfig, caption: str, references: lis
 
 def edit_latents(pipe, config: TrainConfig, cond: EditConditioning) -> torch.Tensor:
     width, height = config.validation_size
+    shared = (pipe.transformer, pipe.scheduler, cond, width, height, config.validation_num_inference_steps,
+              config.validation_guidance, torch.Generator("cpu").manual_seed(config.validation_seed))
     if config.flavour.is_21:
-        return generate_latents_21(
-            pipe.transformer,
-            pipe.scheduler,
-            cond,
-            width,
-            height,
-            config.validation_num_inference_steps,
-            config.validation_guidance,
-            torch.Generator("cpu").manual_seed(config.validation_seed),
-            pipe.config.sample_sigmas,  # the checkpoint's own schedule, when it sets one (then it sets the steps)
-        )
-    return generate_latents(
-        pipe.transformer,
-        pipe.scheduler,
-        cond,
-        width,
-        height,
-        config.validation_num_inference_steps,
-        config.validation_guidance,
-        torch.Generator("cpu").manual_seed(config.validation_seed),
-        pipe.vae_scale_factor,
-    )
+        # the checkpoint's own schedule, when it sets one (then it sets the steps)
+        return generate_latents_21(*shared, pipe.config.sample_sigmas)
+    return generate_latents(*shared, pipe.vae_scale_factor)
 
 
 def run_validation(

@@ -53,12 +53,16 @@ class DynamicShift:
             shift=float(config.get("shift", 1.0)),
         )
 
+    def mu(self, image_seq_len: int) -> float:
+        """The pipelines' `calculate_shift` for `image_seq_len` image tokens (what they hand the scheduler)."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
+
+        return calculate_shift(image_seq_len, self.base_seq_len, self.max_seq_len, self.base_shift, self.max_shift)
+
     def shift_for(self, image_seq_len: int) -> float:
         if not self.use_dynamic_shifting:
             return self.shift
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
-
-        mu = calculate_shift(image_seq_len, self.base_seq_len, self.max_seq_len, self.base_shift, self.max_shift)
+        mu = self.mu(image_seq_len)
         return math.exp(mu) if self.time_shift_type == "exponential" else mu
 
 
