@@ -4,6 +4,8 @@ end-to-end, sensor and browser tests, with "materialise all" launched once throu
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,31 @@ def copy_demo(demo_root: Path, root: Path) -> Path:
 
 def instance_settings(name: str = "dagster.yaml") -> dict:
     return yaml.safe_load((REPO / "dagster_home" / name).read_text())
+
+
+def instance_home(base: Path) -> Path:
+    """A DAGSTER_HOME under `base` holding a copy of the repository's dagster_home/dagster.yaml."""
+    home = base / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+@contextmanager
+def started_ui(home: Path, env: dict[str, str], log: Path, kept_log: Path) -> Iterator[DagsterUI]:
+    """`make ui` with `env` (and none of the caller's project variables); stopped at the end, its log kept."""
+    saved = {key: os.environ.pop(key) for key in PROJECT_ENV if key in os.environ}
+    try:
+        ui = DagsterUI(home, env, log=log)
+    finally:
+        os.environ.update(saved)
+    try:
+        yield ui
+    finally:
+        try:
+            ui.stop()
+        finally:
+            shutil.copy(log, kept_log)
 
 
 @dataclass
@@ -76,6 +103,15 @@ query ($runId: ID!) {
 UNFINISHED_RUNS_QUERY = """
 { runsOrError(filter: {statuses: [QUEUED, NOT_STARTED, STARTING, STARTED, CANCELING]}) { ... on Runs { results { runId } } } }"""
 
+LAUNCH_RUN = """
+mutation ($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on PythonError { message }
+  }
+}"""
 TERMINATE_MUTATION = """
 mutation ($runId: String!) {
   terminateRun(runId: $runId) { __typename ... on TerminateRunFailure { message } ... on PythonError { message } }
@@ -124,28 +160,16 @@ def dagster_ui(demo_root, tmp_path_factory, artifacts_dir):
     (the default config: the bundled edit-v2 preset), MLflow in a temp sqlite store. Stopped with Ctrl-C."""
     base = tmp_path_factory.mktemp("dagster-ui")
     root = copy_demo(demo_root, base / "project")
-    home = base / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    home = instance_home(base)
     mlflow_uri = f"sqlite:///{base / 'mlflow.db'}"
-    saved = {key: os.environ.pop(key) for key in PROJECT_ENV if key in os.environ}  # the default project, not the caller's
-    try:
-        ui = DagsterUI(home, {"QWEN_EDIT_ROOT": str(root), "MLFLOW_TRACKING_URI": mlflow_uri, "QWEN_EDIT_SENSOR_INTERVAL": "1"},
-                       log=base / "dagster-dev.log")
-    finally:
-        os.environ.update(saved)
-    session = UISession(ui, root, home, mlflow_uri)
-    try:
-        session.graphql("mutation { setNuxSeen }")  # the "join the community" dialog would cover the screenshots
-        yield session
-    finally:
+    env = {"QWEN_EDIT_ROOT": str(root), "MLFLOW_TRACKING_URI": mlflow_uri, "QWEN_EDIT_SENSOR_INTERVAL": "1"}
+    with started_ui(home, env, base / "dagster-dev.log", artifacts_dir / "dagster-dev.log") as ui:  # the default project
+        session = UISession(ui, root, home, mlflow_uri)
         try:
-            try:
-                session.terminate_unfinished_runs()
-            finally:
-                ui.stop()
+            session.graphql("mutation { setNuxSeen }")  # the "join the community" dialog would cover the screenshots
+            yield session
         finally:
-            shutil.copy(base / "dagster-dev.log", artifacts_dir / "dagster-dev.log")
+            session.terminate_unfinished_runs()
 
 
 @pytest.fixture(scope="session")

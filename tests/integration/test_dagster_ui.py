@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import TRAIN_STEPS, instance_settings
+from tests.integration.conftest import LAUNCH_RUN, TRAIN_STEPS, instance_settings
 from tests.integration.servers import LOCATION, REPOSITORY, wait_until
 
 pytestmark = pytest.mark.integration
@@ -27,21 +27,12 @@ query ($path: [String!]!) {
   assetNodeOrError(assetKey: {path: $path}) { ... on AssetNode { staleStatus staleCauses { key { path } reason } } }
 }"""
 
-LAUNCH = """
-mutation ($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on RunConfigValidationInvalid { errors { message } }
-    ... on PythonError { message }
-  }
-}"""
 
 
 def launch(dagster_ui, assets: list[list[str]], run_config: dict | None = None) -> dict:
     selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "jobName": "__ASSET_JOB",
                 "assetSelection": [{"path": path} for path in assets]}
-    return dagster_ui.graphql(LAUNCH, {"params": {"selector": selector, "runConfigData": run_config or {}}})["launchRun"]
+    return dagster_ui.graphql(LAUNCH_RUN, {"params": {"selector": selector, "runConfigData": run_config or {}}})["launchRun"]
 
 
 def test_dagster_dev_runs_on_our_instance_config(dagster_ui):

@@ -3,30 +3,19 @@ pools, the sweep's partitions, and a partitioned training launched through Graph
 "Materialize" of one partition sends it) trains that point, tags its MLflow run and reports the promotion
 decision in the asset's metadata."""
 
-import os
-import shutil
 import time
 
 import pytest
 
 from tests.conftest import write_small_project
-from tests.integration.conftest import PROJECT_ENV, UISession
-from tests.integration.servers import LOCATION, REPO, REPOSITORY, DagsterUI
+from tests.integration.conftest import LAUNCH_RUN, UISession, instance_home, started_ui
+from tests.integration.servers import LOCATION, REPOSITORY
 
 pytestmark = pytest.mark.integration
 POINTS = ["learning_rate=1e-3;lora_rank=4", "learning_rate=3e-3;lora_rank=4"]
 SMALL = {"n_train": 2, "max_train_steps": 2, "report_to": "mlflow", "checkpointing_steps": 100}
 
 ASSETS_QUERY = "{ assetNodes { assetKey { path } groupName pools partitionKeys backfillPolicy { policyType maxPartitionsPerRun } } }"
-LAUNCH = """
-mutation ($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on RunConfigValidationInvalid { errors { message } }
-    ... on PythonError { message }
-  }
-}"""
 MATERIALIZATIONS = """
 query ($path: [String!]!, $partitions: [String!]) {
   assetOrError(assetKey: {path: $path}) {
@@ -49,27 +38,15 @@ def projects_ui(demo_root, tmp_path_factory, artifacts_dir):
     write_small_project(folder / "style", models, tracker_project_name="style-lora", **SMALL)
     write_small_project(folder / "relight", models, tracker_project_name="relight-lora", **SMALL,
                         sweep={"learning_rate": [1e-3, 3e-3], "lora_rank": [4]})
-    home = base / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    home = instance_home(base)
     uri = f"sqlite:///{base / 'mlflow.db'}"
-    saved = {key: os.environ.pop(key) for key in PROJECT_ENV if key in os.environ}  # no single config beside the folder
-    try:
-        ui = DagsterUI(home, {"QWEN_EDIT_ROOT": str(base), "QWEN_EDIT_PROJECTS": str(folder), "MLFLOW_TRACKING_URI": uri},
-                       log=base / "dagster-dev.log")
-    finally:
-        os.environ.update(saved)
-    session = UISession(ui, base, home, uri)
-    try:
-        yield session
-    finally:
+    env = {"QWEN_EDIT_ROOT": str(base), "QWEN_EDIT_PROJECTS": str(folder), "MLFLOW_TRACKING_URI": uri}
+    with started_ui(home, env, base / "dagster-dev.log", artifacts_dir / "dagster-dev-projects.log") as ui:  # no single config
+        session = UISession(ui, base, home, uri)
         try:
-            try:
-                session.terminate_unfinished_runs()
-            finally:
-                ui.stop()
+            yield session
         finally:
-            shutil.copy(base / "dagster-dev.log", artifacts_dir / "dagster-dev-projects.log")
+            session.terminate_unfinished_runs()
 
 
 def test_the_webserver_shows_one_group_per_project_with_its_pools_and_the_sweep(projects_ui):
@@ -101,7 +78,7 @@ def test_a_partitioned_training_launched_through_the_webserver_trains_its_point(
         "executionMetadata": {"tags": [{"key": "dagster/partition", "value": point}]},
     }
     started = time.monotonic()
-    launched = projects_ui.graphql(LAUNCH, {"params": params})["launchRun"]
+    launched = projects_ui.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     run_id = launched["run"]["runId"]
     run = projects_ui.wait_for_run(run_id)

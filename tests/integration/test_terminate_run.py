@@ -2,8 +2,6 @@
 `trained_lora` trains with two accelerate ranks (config/accelerate/ddp.yaml on the CPU, gloo): the launcher
 and every rank end within a bound, the run ends CANCELED, and no process of the training is left."""
 
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -11,16 +9,12 @@ import pytest
 import yaml
 
 from tests.conftest import prepare_small_project
-from tests.integration.conftest import PROJECT_ENV, RUN_ERRORS_QUERY, TERMINATE_MUTATION
+from tests.integration.conftest import LAUNCH_RUN, RUN_ERRORS_QUERY, TERMINATE_MUTATION, instance_home, started_ui
 from tests.integration.servers import LOCATION, REPO, REPOSITORY, DagsterUI, wait_until
 
 pytestmark = pytest.mark.integration
 STOP_WITHIN_S = 60  # from the mutation to the last rank gone (the trainer's own shutdown, on 2 busy cores)
 
-LAUNCH = """
-mutation ($params: ExecutionParams!) {
-  launchRun(executionParams: $params) { __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } }
-}"""
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +27,13 @@ def ddp_ui(demo_root, tmp_path_factory, artifacts_dir):
     settings = yaml.safe_load((REPO / "config" / "accelerate" / "ddp.yaml").read_text())
     settings.update(use_cpu=True, num_processes=2)
     (base / "ddp-cpu.yaml").write_text(yaml.safe_dump(settings))
-    home = base / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    home = instance_home(base)
     env = {"QWEN_EDIT_ROOT": str(base), "QWEN_EDIT_CONFIG": str(project.config_path), "QWEN_EDIT_DATA": str(project.data_path),
            "QWEN_EDIT_ACCELERATE_CONFIG": str(base / "ddp-cpu.yaml"), "ACCELERATE_USE_CPU": "true",
            "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}"}
-    saved = {key: os.environ.pop(key) for key in PROJECT_ENV if key in os.environ}
-    try:
-        ui = DagsterUI(home, env, log=base / "dagster-dev.log")
-    finally:
-        os.environ.update(saved)
-    try:
+    # stopping it fails if anything of its session is left
+    with started_ui(home, env, base / "dagster-dev.log", artifacts_dir / "dagster-dev-terminate.log") as ui:
         yield ui, base
-    finally:
-        try:
-            ui.stop()  # and fails if anything of its session is left
-        finally:
-            shutil.copy(base / "dagster-dev.log", artifacts_dir / "dagster-dev-terminate.log")
 
 
 def training_processes(marker: str) -> dict[str, int]:
@@ -81,7 +64,7 @@ def test_terminate_stops_every_rank_and_leaves_nothing_running(ddp_ui):
     ui, base = ddp_ui
     selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "jobName": "__ASSET_JOB",
                 "assetSelection": [{"path": ["trained_lora"]}]}
-    launched = ui.graphql(LAUNCH, {"params": {"selector": selector, "runConfigData": {}}})["launchRun"]
+    launched = ui.graphql(LAUNCH_RUN, {"params": {"selector": selector, "runConfigData": {}}})["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     run_id = launched["run"]["runId"]
 
