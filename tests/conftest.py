@@ -27,6 +27,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(group))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model's ops run faster on one thread than on two when other processes compete for this
+    machine's two cores: a module asks for it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """tmp/demo/{models/tiny-edit-v1..v3, data/} exactly as `qwen-edit demo-setup` writes them."""

@@ -19,16 +19,9 @@ from trainer.data.pairing import build_manifest
 from trainer.demo.dataset import generate_demo_dataset
 from trainer.demo.tiny_model import build_tiny_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two threads on this machine's two shared cores are slower than one for the tiny model."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,9 @@ from trainer.data.cache_threads import BackgroundWriter, prepared_in_order
 from trainer.data.caches import build_text_cache, build_vae_cache
 from trainer.workflow import CACHE_SUMMARY_NAME, build_caches, check_data, load_project
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_project(root, demo_root, **config):

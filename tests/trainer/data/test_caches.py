@@ -37,20 +37,12 @@ from trainer.data.pairing import build_manifest
 from trainer.demo.dataset import generate_demo_dataset
 from trainer.demo.tiny_model import JOINT_DIM, Z_DIM, build_tiny_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
 IMAGE_SIZE = 32  # demo images are 32 x 32 ...
 RESOLUTION = 64  # ... and train in a 64 x 64 bucket: latents 8 x 8
 NAMES = ["0000", "0001", "0002", "0003"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's convolutions take ~20 ms on one thread, but several times longer on two
-    when other processes compete for this machine's two cores. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

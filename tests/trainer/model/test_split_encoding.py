@@ -13,15 +13,9 @@ from trainer.model.conditioning import encode_image_latents, prepare_references
 from trainer.model.loading import load_pipeline
 from trainer.model.split_encoding import encode_prompt_inputs, image_latents_batch, prompt_inputs, thread_processor
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pipeline(demo_root, flavour: str, **components):
