@@ -223,8 +223,9 @@ def training_command(
     if project.run_name is not None:
         command += ["--run-name", project.run_name]
     for key, value in (overrides or {}).items():
-        # JSON for anything but text, as parse_override reads it back: true, null (not Python's True, None)
-        command += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+        # text and paths as they are, anything else as JSON, as parse_override reads it back: true, null (not True, None)
+        text = str(value) if isinstance(value, (str, os.PathLike)) else json.dumps(value)
+        command += ["--set", f"{key}={text}"]
     for key, value in (tags or {}).items():
         command += ["--tag", f"{key}={value}"]
     return command

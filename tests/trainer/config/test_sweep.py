@@ -114,6 +114,16 @@ def test_the_overrides_of_a_point_reach_the_trainer_as_set_reads_them(tmp_path):
     assert given_back == overrides
 
 
+def test_a_path_override_reaches_the_trainer_as_the_path_itself(tmp_path):
+    """An output_dir handed in as a Path (as the tests and the assets do) is text on the command line, not JSON."""
+    from trainer.workflow import load_project, training_command
+    from tests.conftest import write_small_project
+
+    config, data = write_small_project(tmp_path, tmp_path / "models", n_train=1)
+    command = training_command(load_project(config, data, tmp_path), {"output_dir": tmp_path / "out"}, num_processes=1)
+    assert command[command.index("--set") + 1] == f"output_dir={tmp_path / 'out'}"
+
+
 _DERIVED = {  # TrainConfig properties the cache code reads, and the keys they come from
     "flavour": {"model_flavour"},
     "model_path": {"pretrained_model_name_or_path", "model_flavour"},
