@@ -180,6 +180,16 @@ def slope(rows: dict, key) -> tuple[float | None, float | None]:
     return per_block, a + per_block * (FULL_BLOCKS - b0)
 
 
+def summarise(rows: dict) -> dict:
+    summary = {}
+    if len(rows) >= 2:
+        summary["step_per_block_s"], summary["step_60_blocks_s"] = slope(rows, lambda r: r["s_per_step"])
+        summary["validation_edit_per_block_s"], summary["validation_edit_60_blocks_s"] = slope(rows, lambda r: r["validation_s_per_edit"])
+        summary["train_reserved_per_block_GiB"], summary["train_reserved_60_blocks_GiB"] = slope(
+            rows, lambda r: r["train_peak_GiB"].get("train", {}).get("reserved"))
+    return summary
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / LOG).unlink(missing_ok=True)
@@ -197,13 +207,9 @@ def main() -> None:
         info[f"train_{blocks}_peak_line"] = [line for line in output.splitlines() if line.startswith("peak GPU memory")]
         rows[blocks] = {"train_command_wall_s": wall, **run_figures(root / "out" / f"e2e-{blocks}")}
         print(json.dumps({"blocks": blocks, **rows[blocks]}), flush=True)
-    summary = {}
-    if len(rows) >= 2:
-        summary["step_per_block_s"], summary["step_60_blocks_s"] = slope(rows, lambda r: r["s_per_step"])
-        summary["validation_edit_per_block_s"], summary["validation_edit_60_blocks_s"] = slope(rows, lambda r: r["validation_s_per_edit"])
-        summary["train_reserved_per_block_GiB"], summary["train_reserved_60_blocks_GiB"] = slope(
-            rows, lambda r: r["train_peak_GiB"].get("train", {}).get("reserved"))
-    (OUT / "gpu_end_to_end.json").write_text(json.dumps({"info": info, "rows": rows, "summary": summary}, indent=1))
+        # after every block count: a later one that fails or runs past its timeout keeps the earlier figures
+        summary = summarise(rows)
+        (OUT / "gpu_end_to_end.json").write_text(json.dumps({"info": info, "rows": rows, "summary": summary}, indent=1))
     shutil.rmtree(root, ignore_errors=True)
 
     print(f"\n{info['gpu']}: qwen-edit train, edit-v1, {N_TRAIN} + 1 pairs at {SIDE}x{SIDE}, int8-quanto + checkpointing + "

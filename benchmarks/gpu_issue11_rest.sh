@@ -4,8 +4,8 @@
 # random Qwen2.5-VL-7B and VAE) and qwen-edit end to end on a real-width shallow pipeline
 # (benchmarks/gpu_end_to_end.py: check, cache, train through accelerate launch, validate). Logs and JSON
 # under $OUT, a short table last.
-# Needs, carried (git-ignored): .whl/ (diffusers, optimum-quanto, pydantic, json5, pandera, dagster-pipes,
-# bitsandbytes, ... wheels for Python 3.12) and .bench/diffusers_lora_baseline.py.
+# Needs, carried (git-ignored): .whl/ (diffusers, optimum-quanto, pydantic, json5, pandera, dagster-pipes, ... wheels
+# for Python 3.12) and .bench/diffusers_lora_baseline.py, both made by `bash benchmarks/fetch_wheels.sh`.
 # CPU smoke (no wheels, no baseline, the tiny models): TINY=1 PY=.venv/bin/python OUT=/tmp/out bash benchmarks/gpu_issue11_rest.sh
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
