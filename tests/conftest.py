@@ -13,18 +13,41 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def worker_unit(nodeid: str) -> str:
+    """What one pytest-xdist worker runs whole: all integration tests together (one `make ui` session serves
+    several files), otherwise the test's module (its module fixtures, trained runs among them, built once)."""
+    path = nodeid.split("::")[0]
+    return "integration" if path.startswith("tests/integration/") else path
+
+
 def pytest_collection_modifyitems(config, items):
     """Alone: integration tests (real servers, a browser) run after everything else, so unit failures show up first.
-
-    Under pytest-xdist (`make test` runs `-n 2`): each module's tests share a worker (its module fixtures, trained
-    runs among them, are built once), and all integration tests share one (one `make ui` session serves several
-    files). The integration group, the longest, then goes first, while the other worker takes the modules."""
+    Under pytest-xdist (`make test` runs `-n 2`) the integration unit, the longest, goes first instead, while the
+    other worker takes the modules."""
     parallel = hasattr(config, "workerinput")
+    for item in items:  # worker_unit reads the path: every integration test must live in tests/integration/
+        if (item.get_closest_marker("integration") is not None) != (worker_unit(item.nodeid) == "integration"):
+            raise pytest.UsageError(f"{item.nodeid}: integration tests are those in tests/integration/ and only those")
     items.sort(key=lambda item: (item.get_closest_marker("integration") is not None) != parallel)
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            group = "integration" if item.get_closest_marker("integration") else item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` scheduled by worker_unit, in collection order (integration first).
+
+    Not xdist's own loadgroup: it reads xdist_group marks into a node-id suffix that pytest 9.2's node ids no
+    longer take, so every test became its own unit and both workers started their own `make ui` session and
+    built each module's fixtures again. The controller sees only node ids, hence a path rule."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkerUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_unit(nodeid)
+
+    config.option.loadscopereorder = False  # by size it would put the integration unit (25 tests) 8th
+    return WorkerUnits(config, log)
 
 
 @pytest.fixture(scope="module")
