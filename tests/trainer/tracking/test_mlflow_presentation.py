@@ -92,7 +92,8 @@ def test_a_training_run_as_mlflow_shows_it(tmp_path, store, demo_root):
 
 def test_the_final_validation_is_logged_at_the_last_step(tmp_path, store):
     uri, client = store
-    run = client.create_run(client.create_experiment("final"))
+    # an absolute artifact location: the default is ./mlruns of the working directory (the repository)
+    run = client.create_run(client.create_experiment("final", artifact_location=(tmp_path / "artifacts").as_uri()))
     log_to_mlflow(_report(tmp_path / "validation", "blue"), run.info.run_id, uri, step=40)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "validation_lora_psnr")] == [40]
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
