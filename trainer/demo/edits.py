@@ -112,12 +112,12 @@ def make_edit(rng: np.random.Generator, size: int, kind: str) -> EditPair | None
     return EditPair(kind, caption, (reference, swatch, mask), target)
 
 
-def edit_pairs(seed: int, n: int, size: int) -> list[EditPair]:
+def edit_pairs(seed: int, n: int, size: int, kinds: tuple[str, ...] = EDIT_KINDS) -> list[EditPair]:
     """`n` pairs, the kinds in turn, deterministic for a seed."""
     rng = np.random.default_rng([seed, 2])  # a stream of its own, apart from the demo dataset's splits
     pairs: list[EditPair] = []
     while len(pairs) < n:
-        pair = make_edit(rng, size, EDIT_KINDS[len(pairs) % len(EDIT_KINDS)])
+        pair = make_edit(rng, size, kinds[len(pairs) % len(kinds)])
         if pair is not None:
             pairs.append(pair)
     return pairs

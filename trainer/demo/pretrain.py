@@ -72,6 +72,7 @@ class Budget:
     vae_lr: float = 5e-4
     vae_latent_noise: float = 0.1  # relative to the latents' spread
     pairs: int = 800
+    kinds: str = ",".join(EDIT_KINDS)  # the pretraining edits, comma-separated (trainer.demo.edits)
     layers: int = 4
     heads: int = 1
     head_dim: int = 64  # one wide head: RoPE axes (4, 30, 30), see build_transformer
@@ -352,15 +353,15 @@ def recolour_pairs(root: Path):
     return pairs
 
 
-def evaluate_edits(pipe, seed: int, per_kind: int = 6, grid_path: Path | None = None) -> dict[str, dict[str, float]]:
+def evaluate_edits(pipe, seed: int, per_kind: int = 6, grid_path: Path | None = None, kinds: tuple[str, ...] = EDIT_KINDS) -> dict[str, dict[str, float]]:
     """Mean edit metrics of the base on new pairs of each pretraining kind and on the held-out recolouring."""
     from trainer.evaluation.metrics import edit_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         held_out = recolour_pairs(Path(tmp) / "data")
-    fresh = edit_pairs(seed + 1000, per_kind * len(EDIT_KINDS), SIZE)
+    fresh = edit_pairs(seed + 1000, per_kind * len(kinds), SIZE, kinds)
     results, rows = {}, []
-    for kind in (*EDIT_KINDS, "recolour"):
+    for kind in (*kinds, "recolour"):
         pairs = [p for p in fresh if p.kind == kind] if kind != "recolour" else held_out
         scores = []
         for pair in pairs:
@@ -416,15 +417,16 @@ def build_pretrained_pipeline(
         report["instruction_distinctness"] = instruction_distinctness(pipe, edit_pairs(seed + 1, 1, SIZE)[0].references)
         log(f"2/4 text encoder: instructions of one length differ by at least {report['instruction_distinctness']:.1%} in their embeddings")
 
-        log(f"3/4 encoding {budget.pairs} pretraining pairs ({', '.join(EDIT_KINDS)}; shape recolouring held out)")
+        kinds = tuple(budget.kinds.split(","))
+        log(f"3/4 encoding {budget.pairs} pretraining pairs ({', '.join(kinds)}; shape recolouring held out)")
         start = time.time()
-        data = encode_pairs(pipe, edit_pairs(seed, budget.pairs, SIZE))
+        data = encode_pairs(pipe, edit_pairs(seed, budget.pairs, SIZE, kinds))
         log(f"  encoded in {time.time() - start:.0f} s; prompt length {data.embeds.shape[1]} tokens")
         log(f"4/4 pretraining the transformer ({budget.transformer_steps} steps of {budget.batch} pairs)")
         pipe.register_modules(transformer=pretrain_transformer(data, budget, seed, device))
     report["seconds"] = round(time.time() - clock, 1)
     if evaluate:
-        report["base_edits"] = evaluate_edits(pipe, seed, grid_path=grid_path)
+        report["base_edits"] = evaluate_edits(pipe, seed, grid_path=grid_path, kinds=tuple(budget.kinds.split(",")))
         log("base model, mean over new pairs (PSNR dB; edit_success: inside the edited region):")
         for kind, values in report["base_edits"].items():
             log(f"  {kind:10s} " + "  ".join(f"{k} {v:6.2f}" for k, v in values.items()) + ("   <- held out" if kind == "recolour" else ""))
