@@ -18,12 +18,11 @@ special-cased) whose weights are fitted here, meant to take minutes on a CPU:
 Deterministic for a seed on one machine (CPU kernels may differ in the last bits elsewhere).
 
 Status: work in progress, not used by `make demo` yet (the edit-v2 preset still trains the random
-tiny model). With this budget the VAE reconstructs the demo's images at about 22 dB and a
-base (measured with narrower RoPE axes, 4 heads of 16) removes shapes and recolours backgrounds
-roughly, but it does not yet copy a reference's shape faithfully (moves and resizes come out as
-blobs), and a 120-step demo LoRA did not learn the held-out recolouring on top of it. Sharper
-positional attention (wider RoPE height/width axes, below) helps a little; a base good enough
-for the demo needs more pretraining than a few CPU minutes buy at this model size.
+tiny model). Budgets compared on a GPU (`benchmarks/gpu_demo_pretrain.sh`, figures in
+benchmarks/RESULTS.md, "Issue 12"): one head of 64 is too narrow (loss stalls near 0.1); two heads
+(dim 128) remove shapes well and move them roughly, but the outputs' colours collapse to a few hues
+and a preset-like LoRA does not learn the held-out recolouring on top. A two-head base costs about
+3 s a step of 32 pairs on the shared 2-core CPU, so 2000 steps are far from "minutes".
 """
 
 import argparse
