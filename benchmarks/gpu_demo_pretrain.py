@@ -20,40 +20,24 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from trainer.demo import pretrain
-from trainer.demo.dataset import generate_demo_dataset
 from trainer.demo.edits import EditPair, edit_pairs
-from trainer.evaluation.metrics import edit_metrics
 from trainer.model.lora import TARGET_MODULES
 
 SIZE = pretrain.SIZE
-METRICS = ("psnr", "edit_success", "preservation", "pixel_shift")
-
-
-def budget_from(overrides: list[str]) -> pretrain.Budget:
-    budget = pretrain.Budget()
-    for item in overrides:
-        key, _, value = item.partition("=")
-        budget = replace(budget, **{key: type(getattr(budget, key))(value)})
-    return budget
 
 
 def demo_pairs(root: Path, split: str) -> list[EditPair]:
-    dataset = generate_demo_dataset(root, n_train=24, n_eval=16)
-    pairs = []
-    for target in sorted(dataset.folder(split, "edited").glob("*.png")):
-        refs = tuple(Image.open(dataset.folder(split, f) / target.name).convert("RGB") for f in ("reference", "reference_2", "reference_3"))
-        pairs.append(EditPair("recolour", target.with_suffix(".txt").read_text().strip(), refs, Image.open(target).convert("RGB")))
-    return pairs
+    """The demo's own train split (24 pairs) and 16 held-out pairs, for a steadier mean than its 4."""
+    return pretrain.recolour_pairs(root, split, n_train=24, n_eval=16)
 
 
 def save_encoded(data: pretrain.EncodedPairs, path: Path) -> None:
-    tensors = {k: getattr(data, k).contiguous() for k in ("targets", "references", "embeds", "masks", "negative_embeds", "negative_masks")}
+    tensors = {k: getattr(data, k).contiguous() for k in pretrain.EncodedPairs.TENSORS}
     save_file(tensors, str(path), metadata={"kinds": json.dumps(data.kinds)})
 
 
@@ -76,8 +60,7 @@ def prepare(out: Path, budget: pretrain.Budget, device: torch.device) -> None:
         psnr = pretrain.reconstruction_psnr(pipe, pretrain.demo_images(Path(tmp)))
     print(f"vae: {time.time() - start:.0f} s, demo-image PSNR {psnr:.2f} dB", flush=True)
     start = time.time()
-    kinds = tuple(budget.kinds.split(","))
-    save_encoded(pretrain.encode_pairs(pipe, edit_pairs(0, budget.pairs, SIZE, kinds)), out / "pairs.safetensors")
+    save_encoded(pretrain.encode_pairs(pipe, edit_pairs(0, budget.pairs, SIZE, budget.edit_kinds)), out / "pairs.safetensors")
     with tempfile.TemporaryDirectory() as tmp:
         save_encoded(pretrain.encode_pairs(pipe, demo_pairs(Path(tmp), "train")), out / "demo_train.safetensors")
     print(f"encoded {budget.pairs} pairs + the demo's train split in {time.time() - start:.0f} s", flush=True)
@@ -108,8 +91,7 @@ def train_lora(transformer, data: pretrain.EncodedPairs, device, steps: int = 12
 
 def score(pipe, pairs) -> tuple[dict[str, float], list[Image.Image]]:
     outputs = [pretrain.sample_edit(pipe, p) for p in pairs]
-    scores = [edit_metrics(o, p.target, p.references[0]) for o, p in zip(outputs, pairs)]
-    return {k: float(np.mean([s[k] for s in scores if k in s])) for k in METRICS}, outputs
+    return pretrain.mean_edit_metrics(outputs, pairs), outputs
 
 
 def train(out: Path, name: str, budget: pretrain.Budget, device: torch.device, lora_steps: list[int]) -> None:
@@ -117,13 +99,12 @@ def train(out: Path, name: str, budget: pretrain.Budget, device: torch.device, l
 
     start = time.time()
     data = load_encoded(out / "pairs.safetensors")
-    data = replace(data, **{k: getattr(data, k)[: budget.pairs] for k in ("targets", "references", "embeds", "masks", "negative_embeds", "negative_masks")})
+    data = replace(data, **{k: getattr(data, k)[: budget.pairs] for k in pretrain.EncodedPairs.TENSORS})
     transformer = pretrain.pretrain_transformer(data, budget, 0, device)
     pretrain_s = time.time() - start
     vae = AutoencoderKLQwenImage.from_pretrained(out / "vae")
     pipe = pretrain.assemble(vae, transformer, 0).to(device)
-    kinds = tuple(budget.kinds.split(","))
-    base_kinds = pretrain.evaluate_edits(pipe, 0, per_kind=6, grid_path=out / f"{name}_base.png", kinds=kinds)
+    base_kinds = pretrain.evaluate_edits(pipe, 0, per_kind=6, grid_path=out / f"{name}_base.png", kinds=budget.edit_kinds)
     with tempfile.TemporaryDirectory() as tmp:
         held_out = demo_pairs(Path(tmp), "eval")
     base, base_out = score(pipe, held_out)
@@ -132,11 +113,8 @@ def train(out: Path, name: str, budget: pretrain.Budget, device: torch.device, l
         train_lora(pipe.transformer, demo_train, device, steps=steps, start=done)
         lora[steps], lora_out = score(pipe, held_out)
         done = steps
-    grid = Image.new("RGB", (5 * SIZE, len(held_out) * SIZE), "white")
-    for y, (pair, b, l) in enumerate(zip(held_out, base_out, lora_out)):
-        for x, image in enumerate((pair.references[0], pair.references[1], b, l, pair.target)):
-            grid.paste(image, (x * SIZE, y * SIZE))
-    grid.resize((5 * SIZE * 2, len(held_out) * SIZE * 2), Image.Resampling.NEAREST).save(out / f"{name}_recolour.png")
+    rows = [(pair.references[0], pair.references[1], b, l, pair.target) for pair, b, l in zip(held_out, base_out, lora_out)]
+    pretrain.save_grid(rows, out / f"{name}_recolour.png", scale=2)
     result = {"name": name, "budget": asdict(budget), "pretrain_s": round(pretrain_s, 1), "base_kinds": base_kinds,
               "recolour_base": base, "recolour_lora": lora}
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
@@ -152,7 +130,7 @@ def main() -> int:
     parser.add_argument("--lora-steps", default="120,300", help="score the LoRA after each of these step counts")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    budget, device = budget_from(args.overrides), torch.device(args.device)
+    budget, device = pretrain.budget_with(args.overrides), torch.device(args.device)
     if args.mode == "prepare":
         prepare(args.dir, budget, device)
     else:

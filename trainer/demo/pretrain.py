@@ -80,6 +80,21 @@ class Budget:
     lr: float = 1e-3
     uncond_probability: float = 0.1  # trained on the negative prompt, so true CFG at validation has a meaning
 
+    @property
+    def edit_kinds(self) -> tuple[str, ...]:
+        return tuple(self.kinds.split(","))
+
+
+def budget_with(overrides: list[str], budget: Budget = Budget()) -> Budget:
+    """`budget` with `FIELD=VALUE` items applied (each value read as the field's type)."""
+    fields = Budget.__dataclass_fields__
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise ValueError(f"unknown budget field {key!r}; valid: {', '.join(fields)}")
+        budget = replace(budget, **{key: type(getattr(budget, key))(value)})
+    return budget
+
 
 def log(message: str) -> None:
     print(message, flush=True)
@@ -221,6 +236,8 @@ class EncodedPairs:
     negative_masks: torch.Tensor
     kinds: list[str]
 
+    TENSORS = ("targets", "references", "embeds", "masks", "negative_embeds", "negative_masks")  # every field but kinds
+
 
 def _pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(t.shape[0] for t in tensors)
@@ -339,41 +356,51 @@ def sample_edit(pipe, pair, guidance: float = 4.0, steps: int = 8, seed: int = 0
     return pipe.image_processor.postprocess(vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0], output_type="pil")[0]
 
 
-def recolour_pairs(root: Path):
-    """The demo dataset's eval pairs (the held-out edit) as `EditPair`s."""
+def recolour_pairs(root: Path, split: str = "eval", **dataset_args):
+    """The demo dataset's pairs of one split (the held-out edit) as `EditPair`s; `dataset_args` go to
+    `generate_demo_dataset` (e.g. more eval pairs for a steadier mean)."""
     from trainer.demo.edits import EditPair
 
-    dataset = generate_demo_dataset(root)
+    dataset = generate_demo_dataset(root, **dataset_args)
     pairs = []
-    for target in sorted(dataset.folder("eval", "edited").glob("*.png")):
-        references = tuple(Image.open(dataset.folder("eval", folder) / target.name).convert("RGB") for folder in ("reference", "reference_2", "reference_3"))
+    for target in sorted(dataset.folder(split, "edited").glob("*.png")):
+        references = tuple(Image.open(dataset.folder(split, folder) / target.name).convert("RGB") for folder in ("reference", "reference_2", "reference_3"))
         caption = target.with_suffix(".txt").read_text().strip()
         pairs.append(EditPair("recolour", caption, references, Image.open(target).convert("RGB")))
     return pairs
 
 
-def evaluate_edits(pipe, seed: int, per_kind: int = 6, grid_path: Path | None = None, kinds: tuple[str, ...] = EDIT_KINDS) -> dict[str, dict[str, float]]:
-    """Mean edit metrics of the base on new pairs of each pretraining kind and on the held-out recolouring."""
+def mean_edit_metrics(outputs: list[Image.Image], pairs) -> dict[str, float]:
+    """The validation's edit metrics of each output against its pair, averaged over the pairs that have them."""
     from trainer.evaluation.metrics import edit_metrics
 
+    scores = [edit_metrics(output, pair.target, pair.references[0]) for output, pair in zip(outputs, pairs)]
+    return {k: float(np.mean([s[k] for s in scores if k in s])) for k in ("psnr", "edit_success", "preservation", "pixel_shift")}
+
+
+def save_grid(rows: list[tuple[Image.Image, ...]], path: Path, scale: int = 1) -> None:
+    """One row of SIZE x SIZE images per entry, enlarged `scale` times (nearest: pixels stay visible)."""
+    columns = max(len(row) for row in rows)
+    grid = Image.new("RGB", (columns * SIZE, len(rows) * SIZE), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * SIZE, y * SIZE))
+    grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
+
+
+def evaluate_edits(pipe, seed: int, per_kind: int = 6, grid_path: Path | None = None, kinds: tuple[str, ...] = EDIT_KINDS) -> dict[str, dict[str, float]]:
+    """Mean edit metrics of the base on new pairs of each pretraining kind and on the held-out recolouring."""
     with tempfile.TemporaryDirectory() as tmp:
         held_out = recolour_pairs(Path(tmp) / "data")
     fresh = edit_pairs(seed + 1000, per_kind * len(kinds), SIZE, kinds)
     results, rows = {}, []
     for kind in (*kinds, "recolour"):
         pairs = [p for p in fresh if p.kind == kind] if kind != "recolour" else held_out
-        scores = []
-        for pair in pairs:
-            output = sample_edit(pipe, pair)
-            scores.append(edit_metrics(output, pair.target, pair.references[0]))
-            rows.append((pair, output))
-        results[kind] = {k: float(np.mean([s[k] for s in scores if k in s])) for k in ("psnr", "edit_success", "preservation", "pixel_shift")}
+        outputs = [sample_edit(pipe, pair) for pair in pairs]
+        results[kind] = mean_edit_metrics(outputs, pairs)
+        rows += [(pair.references[0], pair.references[1], output, pair.target) for pair, output in zip(pairs, outputs)]
     if grid_path is not None:
-        grid = Image.new("RGB", (4 * SIZE, len(rows) * SIZE), "white")
-        for y, (pair, output) in enumerate(rows):
-            for x, image in enumerate((pair.references[0], pair.references[1], output, pair.target)):
-                grid.paste(image, (x * SIZE, y * SIZE))
-        grid.save(grid_path)
+        save_grid(rows, grid_path)
     return results
 
 
@@ -416,16 +443,15 @@ def build_pretrained_pipeline(
         report["instruction_distinctness"] = instruction_distinctness(pipe, edit_pairs(seed + 1, 1, SIZE)[0].references)
         log(f"2/4 text encoder: instructions of one length differ by at least {report['instruction_distinctness']:.1%} in their embeddings")
 
-        kinds = tuple(budget.kinds.split(","))
-        log(f"3/4 encoding {budget.pairs} pretraining pairs ({', '.join(kinds)}; shape recolouring held out)")
+        log(f"3/4 encoding {budget.pairs} pretraining pairs ({', '.join(budget.edit_kinds)}; shape recolouring held out)")
         start = time.time()
-        data = encode_pairs(pipe, edit_pairs(seed, budget.pairs, SIZE, kinds))
+        data = encode_pairs(pipe, edit_pairs(seed, budget.pairs, SIZE, budget.edit_kinds))
         log(f"  encoded in {time.time() - start:.0f} s; prompt length {data.embeds.shape[1]} tokens")
         log(f"4/4 pretraining the transformer ({budget.transformer_steps} steps of {budget.batch} pairs)")
         pipe.register_modules(transformer=pretrain_transformer(data, budget, seed, device))
     report["seconds"] = round(time.time() - clock, 1)
     if evaluate:
-        report["base_edits"] = evaluate_edits(pipe, seed, grid_path=grid_path, kinds=tuple(budget.kinds.split(",")))
+        report["base_edits"] = evaluate_edits(pipe, seed, grid_path=grid_path, kinds=budget.edit_kinds)
         log("base model, mean over new pairs (PSNR dB; edit_success: inside the edited region):")
         for kind, values in report["base_edits"].items():
             log(f"  {kind:10s} " + "  ".join(f"{k} {v:6.2f}" for k, v in values.items()) + ("   <- held out" if kind == "recolour" else ""))
@@ -459,12 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"change the budget, e.g. --set transformer_steps=200 (fields: {', '.join(Budget.__dataclass_fields__)})")
     args = parser.parse_args(argv)
-    budget = Budget()
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        if key not in Budget.__dataclass_fields__:
-            parser.error(f"unknown budget field {key!r}; valid: {', '.join(Budget.__dataclass_fields__)}")
-        budget = replace(budget, **{key: type(getattr(budget, key))(value)})
+    try:
+        budget = budget_with(args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     build_pretrained_pipeline(args.out_dir, args.seed, budget, args.device, evaluate=not args.no_eval, grid_path=args.grid)
     return 0
