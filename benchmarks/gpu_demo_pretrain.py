@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -57,14 +58,16 @@ def prepare(out: Path, budget: pretrain.Budget, device: torch.device) -> None:
     vae.save_pretrained(out / "vae")
     pipe = pretrain.assemble(vae, None, 0).to(device)
     with tempfile.TemporaryDirectory() as tmp:
-        psnr = pretrain.reconstruction_psnr(pipe, pretrain.demo_images(Path(tmp)))
-    print(f"vae: {time.time() - start:.0f} s, demo-image PSNR {psnr:.2f} dB", flush=True)
+        images = pretrain.demo_images(Path(tmp))
+        psnr = pretrain.reconstruction_psnr(pipe, images)
+        noisy = vae_noise_psnr(pipe, images[::4])
+    print(f"vae: {time.time() - start:.0f} s, demo-image PSNR {psnr:.2f} dB; with latent noise {noisy}", flush=True)
     start = time.time()
     save_encoded(pretrain.encode_pairs(pipe, edit_pairs(0, budget.pairs, SIZE, budget.edit_kinds)), out / "pairs.safetensors")
     with tempfile.TemporaryDirectory() as tmp:
         save_encoded(pretrain.encode_pairs(pipe, demo_pairs(Path(tmp), "train")), out / "demo_train.safetensors")
     print(f"encoded {budget.pairs} pairs + the demo's train split in {time.time() - start:.0f} s", flush=True)
-    (out / "prepare.json").write_text(json.dumps({"budget": asdict(budget), "vae_psnr_demo": psnr}))
+    (out / "prepare.json").write_text(json.dumps({"budget": asdict(budget), "vae_psnr_demo": psnr, "vae_noise_psnr": noisy}))
 
 
 def train_lora(transformer, data: pretrain.EncodedPairs, device, steps: int = 120, lr: float = 1e-3, rank: int = 8, start: int = 0) -> None:
@@ -89,34 +92,72 @@ def train_lora(transformer, data: pretrain.EncodedPairs, device, steps: int = 12
     transformer.eval()
 
 
-def score(pipe, pairs) -> tuple[dict[str, float], list[Image.Image]]:
-    outputs = [pretrain.sample_edit(pipe, p) for p in pairs]
-    return pretrain.mean_edit_metrics(outputs, pairs), outputs
+@torch.no_grad()
+def target_latents(pipe, image: Image.Image) -> torch.Tensor:
+    from trainer.model.conditioning import encode_image_latents, preprocess_target
+
+    return encode_image_latents(pipe, preprocess_target(pipe, image, image.size))[None, :, None]
 
 
-def train(out: Path, name: str, budget: pretrain.Budget, device: torch.device, lora_steps: list[int]) -> None:
+def score(pipe, pairs, guidance: float) -> tuple[dict[str, float], list[Image.Image]]:
+    """Mean edit metrics, plus the latent-space error (is a bad picture the transformer's or the VAE's?)."""
+    samples = [pretrain.sample_edit(pipe, p, guidance, with_latents=True) for p in pairs]
+    outputs = [image for image, _ in samples]
+    metrics = pretrain.mean_edit_metrics(outputs, pairs)
+    metrics["latent_mse"] = float(sum(F.mse_loss(z.float(), target_latents(pipe, p.target).float()) for (_, z), p in zip(samples, pairs)) / len(pairs))
+    return metrics, outputs
+
+
+@torch.no_grad()
+def vae_noise_psnr(pipe, images: list[Image.Image], levels=(0.0, 0.1, 0.3)) -> dict[str, float]:
+    """PSNR of decoding the images' latents with noise added (relative to 1, the latents' normalised std):
+    how forgiving the decoder is of a denoiser's small errors."""
+    from trainer.evaluation.metrics import as_array, psnr
+
+    vae, result = pipe.vae, {}
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(vae.device)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(vae.device)
+    generator = torch.Generator().manual_seed(0)
+    for level in levels:
+        values = []
+        for image in images:
+            z = target_latents(pipe, image)
+            z = z + level * torch.randn(z.shape, generator=generator).to(z)
+            decoded = pipe.image_processor.postprocess(vae.decode(z * std + mean, return_dict=False)[0][:, :, 0], output_type="pil")[0]
+            values.append(psnr(as_array(image), as_array(decoded)))
+        result[str(level)] = round(float(sum(values) / len(values)), 2)
+    return result
+
+
+def train(out: Path, name: str, budget: pretrain.Budget, device: torch.device, lora_steps: list[int], guidances: list[float],
+          lora_lr: float, lora_rank: int) -> None:
     from diffusers import AutoencoderKLQwenImage
 
     start = time.time()
     data = load_encoded(out / "pairs.safetensors")
-    data = replace(data, **{k: getattr(data, k)[: budget.pairs] for k in pretrain.EncodedPairs.TENSORS})
+    keep = torch.tensor([i for i, kind in enumerate(data.kinds) if kind in budget.edit_kinds])[: budget.pairs]  # a prepared folder may hold more kinds
+    data = replace(data, kinds=[data.kinds[i] for i in keep], **{k: getattr(data, k)[keep] for k in pretrain.EncodedPairs.TENSORS})
     transformer = pretrain.pretrain_transformer(data, budget, 0, device)
     pretrain_s = time.time() - start
     vae = AutoencoderKLQwenImage.from_pretrained(out / "vae")
     pipe = pretrain.assemble(vae, transformer, 0).to(device)
-    base_kinds = pretrain.evaluate_edits(pipe, 0, per_kind=6, grid_path=out / f"{name}_base.png", kinds=budget.edit_kinds)
+    base_kinds = {g: pretrain.evaluate_edits(pipe, 0, per_kind=6, grid_path=out / f"{name}_base_g{g:g}.png", kinds=budget.edit_kinds, guidance=g)
+                  for g in guidances}
     with tempfile.TemporaryDirectory() as tmp:
         held_out = demo_pairs(Path(tmp), "eval")
-    base, base_out = score(pipe, held_out)
+    base = {g: score(pipe, held_out, g) for g in guidances}
     demo_train, lora, done = load_encoded(out / "demo_train.safetensors"), {}, 0
     for steps in lora_steps:
-        train_lora(pipe.transformer, demo_train, device, steps=steps, start=done)
-        lora[steps], lora_out = score(pipe, held_out)
+        train_lora(pipe.transformer, demo_train, device, steps=steps, start=done, lr=lora_lr, rank=lora_rank)
+        lora[steps] = {g: score(pipe, held_out, g) for g in guidances}
         done = steps
-    rows = [(pair.references[0], pair.references[1], b, l, pair.target) for pair, b, l in zip(held_out, base_out, lora_out)]
-    pretrain.save_grid(rows, out / f"{name}_recolour.png", scale=2)
-    result = {"name": name, "budget": asdict(budget), "pretrain_s": round(pretrain_s, 1), "base_kinds": base_kinds,
-              "recolour_base": base, "recolour_lora": lora}
+    for g in guidances:
+        rows = [(pair.references[0], pair.references[1], b, l, pair.target) for pair, b, l in zip(held_out, base[g][1], lora[done][g][1])]
+        pretrain.save_grid(rows, out / f"{name}_recolour_g{g:g}.png", scale=2)
+    result = {"name": name, "budget": asdict(budget), "pretrain_s": round(pretrain_s, 1), "lora_lr": lora_lr, "lora_rank": lora_rank,
+              "base_kinds": {str(g): v for g, v in base_kinds.items()},
+              "recolour_base": {str(g): m for g, (m, _) in base.items()},
+              "recolour_lora": {str(s): {str(g): m for g, (m, _) in by_g.items()} for s, by_g in lora.items()}}
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
 
@@ -127,14 +168,18 @@ def main() -> int:
     parser.add_argument("dir", type=Path)
     parser.add_argument("name", nargs="?", default="run")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--lora-steps", default="120,300", help="score the LoRA after each of these step counts")
+    parser.add_argument("--lora-steps", default="120,300,1000", help="score the LoRA after each of these step counts")
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--guidance", default="1,4", help="score at each of these true-CFG scales")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     budget, device = pretrain.budget_with(args.overrides), torch.device(args.device)
     if args.mode == "prepare":
         prepare(args.dir, budget, device)
     else:
-        train(args.dir, args.name, budget, device, [int(v) for v in args.lora_steps.split(",")])
+        train(args.dir, args.name, budget, device, [int(v) for v in args.lora_steps.split(",")], [float(v) for v in args.guidance.split(",")],
+              args.lora_lr, args.lora_rank)
     return 0
 
 

@@ -12,7 +12,7 @@ if [ -z "$SMOKE" ]; then
   PAIRS=${PAIRS:-3200}
 else
   export PYTHONPATH=.
-  PAIRS=16; SMOKE_SET="--set vae_steps=3 --set transformer_steps=2"; LORA="--lora-steps 1,2"
+  PAIRS=16; SMOKE_SET="--set vae_steps=3 --set transformer_steps=2"; LORA="--lora-steps 1,2 --guidance 1,4"
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 while read -r folder sets; do
@@ -27,18 +27,21 @@ while read -r name folder sets; do
   timeout ${T:-360} $PY benchmarks/gpu_demo_pretrain.py train "$D/$folder" "$name" $sets $SMOKE_SET ${LORA:-} > "$OUT/$name.log" 2>&1 &
 done <<< "$CONFIGS"
 wait
-cp "$D"/*/*.json "$D"/*/*.png "$OUT"/ 2>/dev/null
+for d in "$D"/*/; do for f in "$d"*.json "$d"*.png; do [ -e "$f" ] && cp "$f" "$OUT/$(basename "$d")_$(basename "$f")"; done; done
 for f in "$OUT"/*.log; do grep -l "Traceback" "$f" >/dev/null && { echo "== $f"; grep -A2 -E "Error" "$f" | tail -4; }; done
 $PY - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path
-print("\nname | s | base kinds psnr | recolour base psnr/edit/pres/shift | lora@steps psnr/edit/pres/shift")
+for f in sorted(Path(sys.argv[1]).glob("*prepare.json")):
+    print(f, f.read_text())
+fmt = lambda m: f"{m['psnr']:.1f}/{m['edit_success']:.1f}/{m['preservation']:.1f}/{m['latent_mse']:.3f}"
+print("\nname g | s | base kinds psnr | recolour base psnr/edit/pres/latent_mse | lora@steps")
 for f in sorted(Path(sys.argv[1]).glob("*.json")):
     r = json.loads(f.read_text())
     if "recolour_base" not in r:
         continue
-    fmt = lambda m: f"{m['psnr']:.1f}/{m['edit_success']:.1f}/{m['preservation']:.1f}/{m['pixel_shift']:.1f}"
-    kinds = " ".join(f"{k[:3]}{v['psnr']:.1f}" for k, v in r["base_kinds"].items() if k != "recolour")
-    lora = " ".join(f"@{s}:{fmt(m)}" for s, m in r["recolour_lora"].items())
-    print(f"{r['name']} | {r['pretrain_s']:.0f} | {kinds} | {fmt(r['recolour_base'])} | {lora}")
+    for g, base in r["recolour_base"].items():
+        kinds = " ".join(f"{k[:3]}{v['psnr']:.1f}" for k, v in r["base_kinds"][g].items() if k != "recolour")
+        lora = " ".join(f"@{s}:{fmt(m[g])}" for s, m in r["recolour_lora"].items())
+        print(f"{r['name']} g{g} | {r['pretrain_s']:.0f} | {kinds} | {fmt(base)} | {lora}")
 PYEOF

@@ -6,12 +6,16 @@ saturated shape. The base model learns this family of edits:
 - move the shape left / right / up / down (by a quarter of the image),
 - remove it,
 - make it bigger / smaller,
-- recolour the *background*.
+- recolour the *background*,
+- add a shape to an empty scene.
 
 Recolouring the *shape*, the demo dataset's edit, is held out: the base has never seen it, and
 the demo's LoRA teaches it. Every pair has the demo's three references (the scene, a colour
 swatch, the shape's silhouette), so the base knows that layout; the swatch carries the colour
-only for the background edit and is a random colour otherwise.
+for the background and add edits and is a random colour otherwise. Adding is what makes the
+held-out edit learnable by a small LoRA: the base already paints the silhouette in the swatch's
+colour onto an empty scene, but given a scene with the shape it keeps the shape's colour (GPU
+budgets compared in benchmarks/RESULTS.md, "Issue 12").
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ RESIZE_TEMPLATES = {
     "smaller": ("make the {shape} smaller", "shrink the {shape}"),
 }
 BACKGROUND_TEMPLATES = ("make the background {colour}", "paint the background {colour}", "change the background to {colour}")
-EDIT_KINDS = ("move", "remove", "resize", "background")
+ADD_TEMPLATES = ("add a {colour} {shape}", "draw a {colour} {shape}")
+EDIT_KINDS = ("move", "remove", "resize", "background", "add")
 HELD_OUT_KIND = "recolour"  # the demo dataset's edit; never in pretraining
 
 
@@ -102,6 +107,10 @@ def make_edit(rng: np.random.Generator, size: int, kind: str) -> EditPair | None
             return None
         target = draw_scene(scene.shape, box, colour, scene.background, size)
         caption = _pick(rng, RESIZE_TEMPLATES[which]).format(shape=scene.shape)
+    elif kind == "add":  # onto the empty background: the swatch gives the colour, the silhouette the place
+        reference = draw_scene(scene.shape, scene.box, None, scene.background, size)
+        target = draw_scene(scene.shape, scene.box, PALETTE[swatch_colour], scene.background, size)
+        caption = _pick(rng, ADD_TEMPLATES).format(colour=swatch_colour, shape=scene.shape)
     elif kind == "background":
         target = draw_scene(scene.shape, scene.box, colour, PALETTE[swatch_colour], size)
         caption = _pick(rng, BACKGROUND_TEMPLATES).format(colour=swatch_colour)

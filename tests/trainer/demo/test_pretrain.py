@@ -44,6 +44,9 @@ def test_the_edit_family_holds_out_shape_recolouring():
             assert not has_shape
         elif pair.kind == "background":
             assert (target[inside] == scene[inside]).all() and (target[~inside] == swatch[0, 0]).all()
+        elif pair.kind == "add":  # onto an empty scene, in the swatch's colour, where the silhouette says
+            assert (scene == scene[0, 0]).all()
+            assert (target[inside] == swatch[0, 0]).all() and (target[~inside] == scene[~inside]).all()
         else:  # moved or resized: the shape keeps its colour
             assert has_shape and (target[inside] != scene[inside]).any() or pair.kind == "resize"
 
