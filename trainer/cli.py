@@ -7,7 +7,7 @@
     qwen-edit compare --last 5                      # the latest MLflow runs side by side
     qwen-edit promote --config config.json          # register the latest run's LoRA, champion or challenger
     qwen-edit champion --config config.json         # the registered model's champion and challenger
-    qwen-edit demo-setup                            # tiny models + demo dataset under ./demo
+    qwen-edit demo-setup                            # demo models + demo dataset under ./demo
     qwen-edit tiny-model OUT_DIR --flavour edit-v2        # or edit-v1, edit-v3, edit-2.1
 """
 
@@ -57,7 +57,7 @@ def _load(args: argparse.Namespace):
 def real_model_overrides(config) -> dict:
     """Presets train the real checkpoint where it can: a CUDA GPU and the weights in the local HF cache.
 
-    Everywhere else they train the tiny model. Only the model changes; the demo data stays.
+    Everywhere else they train the demo models. Only the model changes; the demo data stays.
     """
     import torch
 
@@ -67,7 +67,7 @@ def real_model_overrides(config) -> dict:
 
     model = config.flavour.default_model
     if cached_snapshot(model) is None:
-        print(f"note: {model} is not in the local Hugging Face cache; training the tiny demo model")
+        print(f"note: {model} is not in the local Hugging Face cache; training the demo model")
         return {}
     memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     return {
@@ -80,15 +80,18 @@ def real_model_overrides(config) -> dict:
 
 
 def ensure_demo(root: Path) -> None:
-    """The bundled presets train the tiny model on the demo data; build both once."""
+    """The bundled presets train on the demo data: the tiny random models (edit-v1, edit-v3, edit-2.1)
+    or the shipped trained one (edit-v2); build or copy each once."""
     from trainer.demo.dataset import generate_demo_dataset
     from trainer.demo.tiny_model import build_tiny_pipeline
+    from trainer.demo.trained_model import DEMO_NAME, install_trained_pipeline
 
     from trainer.model.flavours import FLAVOURS
 
     demo = Path(root) / DEMO_DIR
     for flavour in FLAVOURS:
         build_tiny_pipeline(demo / "models" / f"tiny-{flavour}", flavour=flavour)
+    install_trained_pipeline(demo / "models" / DEMO_NAME)
     generate_demo_dataset(demo / "data")
 
 

@@ -85,7 +85,7 @@ def test_lora_loads_into_a_fresh_diffusers_pipeline_and_changes_its_output(mater
     from trainer.data.images import load_rgb
 
     _, out, _ = materialized
-    pipe = QwenImageEditPlusPipeline.from_pretrained(demo_root / "demo" / "models" / "tiny-edit-v2")
+    pipe = QwenImageEditPlusPipeline.from_pretrained(demo_root / "demo" / "models" / "trained-edit-v2")  # the preset's model
     pipe.set_progress_bar_config(disable=True)
     reference = load_rgb(demo_root / "demo" / "data" / "eval" / "reference" / "0000.png")
 

@@ -1,10 +1,10 @@
 """A small *trained* Qwen-Image-Edit-2509 (edit-v2) pipeline for the demo: edits that can be seen.
 
-    python -m trainer.demo.pretrain OUT_DIR [--seed 0]
+    python -m trainer.demo.pretrain OUT_DIR --device cuda [--seed 0]
 
 The random tiny model (`trainer.demo.tiny_model`) decodes anything to noise. This script builds
 a pipeline folder of the same real classes and layout (loaded by `from_pretrained`, nothing
-special-cased) whose weights are fitted here, meant to take minutes on a CPU:
+special-cased) whose weights are fitted here:
 
 1. the VAE (`AutoencoderKLQwenImage`, small widths) is fitted to the demo's scenes, swatches and
    silhouettes until it reconstructs them; its `latents_mean`/`latents_std` are measured on them;
@@ -12,17 +12,18 @@ special-cased) whose weights are fitted here, meant to take minutes on a CPU:
    different embeddings (the script prints how different);
 3. the transformer (`QwenImageTransformer2DModel`, small) is pretrained with the trainer's own
    flow-matching loss, on conditioning computed by the trainer's own pipeline-exact code, on a
-   family of generic edits (`trainer.demo.edits`: move, remove, resize, recolour the background).
-   Recolouring the *shape*, the demo dataset's edit, is held out: the demo's LoRA teaches it.
+   family of generic edits (`trainer.demo.edits`: move, remove, resize, recolour the background,
+   add a shape). Recolouring the *shape*, the demo dataset's edit, is held out: the demo's LoRA
+   teaches it.
 
-Deterministic for a seed on one machine (CPU kernels may differ in the last bits elsewhere).
+Its default budget built the pipeline shipped in `trainer/demo/trained_edit_v2` (seed 0, one
+NVIDIA H200, 397 s; `qwen_edit_pretrained.json` there holds what it measured), which
+`qwen-edit demo-setup` installs for the edit-v2 preset (`trainer.demo.trained_model`). On the
+2-core CPU the same budget would take hours (a step of 32 pairs costs seconds), so the weights are
+shipped, 17 MiB in half precision, rather than built by `make demo`. Budgets compared on a GPU:
+`benchmarks/gpu_demo_pretrain.sh`, benchmarks/RESULTS.md "Issue 12".
 
-Status: work in progress, not used by `make demo` yet (the edit-v2 preset still trains the random
-tiny model). Budgets compared on a GPU (`benchmarks/gpu_demo_pretrain.sh`, figures in
-benchmarks/RESULTS.md, "Issue 12"): one head of 64 is too narrow (loss stalls near 0.1); two heads
-(dim 128) remove shapes well and move them roughly, but the outputs' colours collapse to a few hues
-and a preset-like LoRA does not learn the held-out recolouring on top. A two-head base costs about
-3 s a step of 32 pairs on the shared 2-core CPU, so 2000 steps are far from "minutes".
+Deterministic for a seed on one machine (CPU and GPU kernels differ in the last bits).
 """
 
 import argparse
@@ -49,12 +50,12 @@ from trainer.demo.dataset import generate_demo_dataset
 from trainer.demo.edits import EDIT_KINDS, edit_pairs, random_images
 from trainer.demo.tiny_model import MIN_PIXELS, SCHEDULER_CONFIG, Z_DIM, _processor, _text_encoder
 from trainer.demo.tiny_tokenizer import build_tiny_tokenizer
+from trainer.demo.trained_model import MARKER_FILE  # beside model_index.json: the seed, the budget and what was measured
 from trainer.evaluation.metrics import as_array, psnr
 from trainer.model.conditioning import encode_image_latents, encode_prompt, pack, prepare_references, preprocess_target
 from trainer.model.flavours import get_flavour
 from trainer.training.flow_matching import add_noise, velocity_target
 
-MARKER_FILE = "qwen_edit_pretrained.json"  # beside model_index.json: the seed, the budget and what was measured
 FLAVOUR = get_flavour("edit-v2")
 SIZE = 64  # the demo dataset's and the demo preset's resolution
 NEGATIVE_PROMPT = " "  # the presets' validation_negative_prompt: trained as "no instruction" for CFG
@@ -65,17 +66,17 @@ SHIFT = 1.73  # flow_schedule_shift, as the LoRA is trained
 class Budget:
     """How much work each stage does (`--set FIELD=VALUE` on the command line)."""
 
-    vae_base_dim: int = 8
-    vae_steps: int = 1200
+    vae_base_dim: int = 16  # 8 reconstructs the demo's images at about 22 dB, 16 at 27
+    vae_steps: int = 2500
     vae_batch: int = 8
     vae_lr: float = 5e-4
     vae_latent_noise: float = 0.1  # relative to the latents' spread
-    pairs: int = 800
+    pairs: int = 3200
     kinds: str = ",".join(EDIT_KINDS)  # the pretraining edits, comma-separated (trainer.demo.edits)
     layers: int = 4
-    heads: int = 1
-    head_dim: int = 64  # one wide head: RoPE axes (4, 30, 30), see build_transformer
-    transformer_steps: int = 1200
+    heads: int = 3  # one head of 64 stalls (loss near 0.1); two or more reach about 0.01
+    head_dim: int = 64  # RoPE axes (4, 30, 30), see build_transformer
+    transformer_steps: int = 3000
     batch: int = 32
     lr: float = 1e-3
     uncond_probability: float = 0.1  # trained on the negative prompt, so true CFG at validation has a meaning
@@ -338,8 +339,9 @@ def instruction_distinctness(pipe, references) -> float:
 
 
 @torch.no_grad()
-def sample_edit(pipe, pair, guidance: float = 4.0, steps: int = 8, seed: int = 0) -> Image.Image:
-    """The validation's generation (`trainer.evaluation.sampling`, the pipeline's loop) on one pair."""
+def sample_edit(pipe, pair, guidance: float = 4.0, steps: int = 8, seed: int = 0, with_latents: bool = False):
+    """The validation's generation (`trainer.evaluation.sampling`, the pipeline's loop) on one pair;
+    with `with_latents`, also the output's normalised latents [1, 16, 1, h, w]."""
     from trainer.evaluation.sampling import EditConditioning, generate_latents
 
     refs = prepare_references(pipe, FLAVOUR, list(pair.references), (SIZE, SIZE))
@@ -353,7 +355,8 @@ def sample_edit(pipe, pair, guidance: float = 4.0, steps: int = 8, seed: int = 0
     latents = pipe._unpack_latents(tokens, SIZE, SIZE, pipe.vae_scale_factor)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-    return pipe.image_processor.postprocess(vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0], output_type="pil")[0]
+    image = pipe.image_processor.postprocess(vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0], output_type="pil")[0]
+    return (image, latents) if with_latents else image
 
 
 def recolour_pairs(root: Path, split: str = "eval", **dataset_args):
@@ -388,7 +391,8 @@ def save_grid(rows: list[tuple[Image.Image, ...]], path: Path, scale: int = 1) -
     grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
 
 
-def evaluate_edits(pipe, seed: int, per_kind: int = 6, grid_path: Path | None = None, kinds: tuple[str, ...] = EDIT_KINDS) -> dict[str, dict[str, float]]:
+def evaluate_edits(pipe, seed: int, per_kind: int = 6, grid_path: Path | None = None, kinds: tuple[str, ...] = EDIT_KINDS,
+                   guidance: float = 4.0) -> dict[str, dict[str, float]]:
     """Mean edit metrics of the base on new pairs of each pretraining kind and on the held-out recolouring."""
     with tempfile.TemporaryDirectory() as tmp:
         held_out = recolour_pairs(Path(tmp) / "data")
@@ -396,7 +400,7 @@ def evaluate_edits(pipe, seed: int, per_kind: int = 6, grid_path: Path | None = 
     results, rows = {}, []
     for kind in (*kinds, "recolour"):
         pairs = [p for p in fresh if p.kind == kind] if kind != "recolour" else held_out
-        outputs = [sample_edit(pipe, pair) for pair in pairs]
+        outputs = [sample_edit(pipe, pair, guidance) for pair in pairs]
         results[kind] = mean_edit_metrics(outputs, pairs)
         rows += [(pair.references[0], pair.references[1], output, pair.target) for pair, output in zip(pairs, outputs)]
     if grid_path is not None:
@@ -465,6 +469,8 @@ def _save(pipe, out: Path, report: dict) -> None:
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
     try:
+        # half-precision files (the trainer loads at its own dtype): the shipped model stays small
+        pipe.vae.to(torch.float16), pipe.transformer.to(torch.float16)
         pipe.save_pretrained(tmp)
         (tmp / MARKER_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if out.exists():
@@ -479,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.demo.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu (the shipped model) or cuda, for experimenting")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda built the shipped model; cpu works, slowly")
     parser.add_argument("--no-eval", action="store_true", help="skip sampling the base on new pairs at the end")
     parser.add_argument("--grid", type=Path, help="also write the evaluation's edits as an image grid here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
