@@ -81,6 +81,11 @@ class Budget:
     lr: float = 1e-3
     uncond_probability: float = 0.1  # trained on the negative prompt, so true CFG at validation has a meaning
 
+    def __post_init__(self):
+        unknown = [kind for kind in self.edit_kinds if kind not in EDIT_KINDS]
+        if unknown:  # before minutes of VAE fitting, not when the pairs are drawn
+            raise ValueError(f"unknown edit kind {', '.join(map(repr, unknown))} in kinds={self.kinds!r}; valid: {', '.join(EDIT_KINDS)}")
+
     @property
     def edit_kinds(self) -> tuple[str, ...]:
         return tuple(self.kinds.split(","))
@@ -464,14 +469,28 @@ def build_pretrained_pipeline(
     return report
 
 
+@contextlib.contextmanager
+def _diffusers_quiet():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def _save(pipe, out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
     try:
-        # half-precision files (the trainer loads at its own dtype): the shipped model stays small
-        pipe.vae.to(torch.float16), pipe.transformer.to(torch.float16)
-        pipe.save_pretrained(tmp)
+        # half-precision files (the trainer loads at its own dtype): the shipped model stays small;
+        # diffusers warns about casting with `to()`, which matters only for modules kept in fp32 (none here)
+        with _diffusers_quiet():
+            pipe.vae.to(torch.float16), pipe.transformer.to(torch.float16)
+            pipe.save_pretrained(tmp)
         (tmp / MARKER_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if out.exists():
             os.replace(out, old)

@@ -55,3 +55,8 @@ def test_edit_pairs_are_deterministic():
     a, b = edit_pairs(3, 8, 64), edit_pairs(3, 8, 64)
     assert [p.caption for p in a] == [p.caption for p in b]
     assert all((np.asarray(x.target) == np.asarray(y.target)).all() for x, y in zip(a, b))
+
+
+def test_a_misspelt_edit_kind_is_refused_before_any_fitting():
+    with pytest.raises(ValueError, match=r"unknown edit kind 'remvoe' in kinds='move,remvoe'; valid: move, remove, resize, background, add"):
+        pretrain.budget_with(["kinds=move,remvoe"])
