@@ -14,6 +14,7 @@ from trainer.config.parsing import load_train_config, parse_override, parse_trai
 from trainer.config.schema import TrainConfig
 from trainer.config.simpletuner_keys import DATASET_DEFAULT_KEYS
 from trainer.data.dataset_config import load_dataset_config
+from trainer.demo.trained_model import DEMO_NAME
 from trainer.errors import ConfigError
 from trainer.workflow import EXAMPLES_DIR
 
@@ -331,8 +332,9 @@ def test_there_is_a_preset_per_documented_example():
 def test_every_bundled_preset_validates(name, tmp_path):
     config = load_train_config(EXAMPLES_DIR / name / "config.json")
     data = load_dataset_config(EXAMPLES_DIR / name / "multidatabackend.json", config.flavour, base_dir=tmp_path)
-    # the preset trains the tiny model that `ensure_demo` builds under the project root
-    assert data.resolve(config.model_path) == tmp_path / DEMO_DIR / "models" / f"tiny-{config.model_flavour}"
+    # the preset trains a model that `ensure_demo` puts under the project root: edit-v2 the shipped trained one
+    model = DEMO_NAME if config.model_flavour == "edit-v2" else f"tiny-{config.model_flavour}"
+    assert data.resolve(config.model_path) == tmp_path / DEMO_DIR / "models" / model
     assert config.eval_dataset_id is not None
     assert data.by_id(config.eval_dataset_id).dataset_type == "image"
     for entry in data.image_entries:
