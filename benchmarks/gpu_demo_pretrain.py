@@ -9,7 +9,7 @@ with its budget, then does what the demo does on top: a rank-8 LoRA on the demo 
 recolouring pairs (120 steps of one pair at 1e-3, the edit-v2 preset's settings, the trainer's
 loss), and measures base and LoRA on held-out recolouring pairs with the validation's metrics.
 A proxy for `make demo` (no Dagster, no caches on disk), for ranking budgets only: the shipped
-model is built by `python -m trainer.demo.pretrain` on the CPU and checked by `make demo` itself.
+model is built by `python -m trainer.demo.pretrain` (`trainer/demo/trained_model.py`) and checked by `make demo` itself.
 """
 
 import argparse

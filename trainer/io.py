@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -57,3 +58,23 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
     with atomic_path(path) as tmp:
         write(tmp)
     return Path(path)
+
+
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Yield an empty temp folder beside `path`; on success it takes `path`'s place (an existing
+    folder is moved aside, then deleted), so a reader sees the old folder or the new one, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name[:200]}.partial-", dir=path.parent))
+    old = None
+    try:
+        yield staging
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name[:200]}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after the rename
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

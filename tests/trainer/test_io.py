@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.io import atomic_path, atomic_write_json, atomic_write_text, atomic_write_with
+from trainer.io import atomic_folder, atomic_path, atomic_write_json, atomic_write_text, atomic_write_with
 
 
 def names(folder) -> list[str]:
@@ -112,3 +112,17 @@ def test_a_writer_failing_with_an_os_error_leaves_no_temp_file_and_names_the_tar
     with pytest.raises(OutputError, match="cannot write .*out.bin: No space left on device"):
         atomic_write_with(tmp_path / "out.bin", full_disk)
     assert names(tmp_path) == []
+
+
+def test_a_folder_replaces_the_old_one_whole_and_a_failed_one_leaves_it(tmp_path):
+    out = tmp_path / "pipeline"
+    with atomic_folder(out) as staging:
+        (staging / "weights").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(out) as staging:
+            (staging / "weights").write_text("half")
+            raise RuntimeError("interrupted")
+    assert (out / "weights").read_text() == "old" and names(tmp_path) == ["pipeline"]
+    with atomic_folder(out) as staging:
+        (staging / "new").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new"] and names(tmp_path) == ["pipeline"]  # nothing of the old one, no leftovers

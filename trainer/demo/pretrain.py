@@ -35,10 +35,8 @@ import functools
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -55,6 +53,7 @@ from trainer.demo.tiny_model import MIN_PIXELS, SCHEDULER_CONFIG, Z_DIM, _proces
 from trainer.demo.tiny_tokenizer import build_tiny_tokenizer
 from trainer.demo.trained_model import MARKER_FILE  # beside model_index.json: the seed, the budget and what was measured
 from trainer.evaluation.metrics import as_array, psnr
+from trainer.io import atomic_folder
 from trainer.model.conditioning import encode_image_latents, encode_prompt, pack, prepare_references, preprocess_target
 from trainer.model.flavours import get_flavour
 from trainer.training.flow_matching import add_noise, velocity_target
@@ -485,22 +484,13 @@ def _diffusers_quiet():
 
 
 def _save(pipe, out: Path, report: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
-    try:
+    with atomic_folder(out) as tmp:
         # half-precision files (the trainer loads at its own dtype): the shipped model stays small;
         # diffusers warns about casting with `to()`, which matters only for modules kept in fp32 (none here)
         with _diffusers_quiet():
             pipe.vae.to(torch.float16), pipe.transformer.to(torch.float16)
             pipe.save_pretrained(tmp)
         (tmp / MARKER_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

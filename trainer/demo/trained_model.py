@@ -8,10 +8,10 @@ pipeline folder of the real classes: `qwen-edit demo-setup` copies it to
 """
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from trainer.io import atomic_folder
 
 SHIPPED = Path(__file__).parent / "trained_edit_v2"
 MARKER_FILE = "qwen_edit_pretrained.json"  # written by trainer.demo.pretrain beside model_index.json
@@ -24,26 +24,15 @@ def shipped_report() -> dict:
 
 
 def install_trained_pipeline(out: Path) -> Path:
-    """Copy the shipped pipeline to `out` unless the same one is there; atomic (copied beside, then renamed)."""
+    """Copy the shipped pipeline to `out` unless the same one is there (atomic: `trainer.io.atomic_folder`)."""
     out = Path(out)
     try:
         if json.loads((out / MARKER_FILE).read_text()) == shipped_report():
             return out
     except (OSError, ValueError):
         pass
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    old = None
-    try:
-        shutil.copytree(SHIPPED, staging / "pipeline")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "pipeline")
-        os.replace(staging / "pipeline", out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(out) as staging:
+        shutil.copytree(SHIPPED, staging, dirs_exist_ok=True)
     return out
 
 
