@@ -92,19 +92,12 @@ def train_lora(transformer, data: pretrain.EncodedPairs, device, steps: int = 12
     transformer.eval()
 
 
-@torch.no_grad()
-def target_latents(pipe, image: Image.Image) -> torch.Tensor:
-    from trainer.model.conditioning import encode_image_latents, preprocess_target
-
-    return encode_image_latents(pipe, preprocess_target(pipe, image, image.size))[None, :, None]
-
-
 def score(pipe, pairs, guidance: float) -> tuple[dict[str, float], list[Image.Image]]:
     """Mean edit metrics, plus the latent-space error (is a bad picture the transformer's or the VAE's?)."""
     samples = [pretrain.sample_edit(pipe, p, guidance, with_latents=True) for p in pairs]
     outputs = [image for image, _ in samples]
     metrics = pretrain.mean_edit_metrics(outputs, pairs)
-    metrics["latent_mse"] = float(sum(F.mse_loss(z.float(), target_latents(pipe, p.target).float()) for (_, z), p in zip(samples, pairs)) / len(pairs))
+    metrics["latent_mse"] = float(sum(F.mse_loss(z.float(), pretrain.encode_normalised(pipe, p.target).float()) for (_, z), p in zip(samples, pairs)) / len(pairs))
     return metrics, outputs
 
 
@@ -114,17 +107,13 @@ def vae_noise_psnr(pipe, images: list[Image.Image], levels=(0.0, 0.1, 0.3)) -> d
     how forgiving the decoder is of a denoiser's small errors."""
     from trainer.evaluation.metrics import as_array, psnr
 
-    vae, result = pipe.vae, {}
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(vae.device)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(vae.device)
-    generator = torch.Generator().manual_seed(0)
+    result, generator = {}, torch.Generator().manual_seed(0)
     for level in levels:
         values = []
         for image in images:
-            z = target_latents(pipe, image)
+            z = pretrain.encode_normalised(pipe, image)
             z = z + level * torch.randn(z.shape, generator=generator).to(z)
-            decoded = pipe.image_processor.postprocess(vae.decode(z * std + mean, return_dict=False)[0][:, :, 0], output_type="pil")[0]
-            values.append(psnr(as_array(image), as_array(decoded)))
+            values.append(psnr(as_array(image), as_array(pretrain.decode_normalised(pipe, z))))
         result[str(level)] = round(float(sum(values) / len(values)), 2)
     return result
 

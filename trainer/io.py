@@ -63,7 +63,8 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
 @contextmanager
 def atomic_folder(path: str | Path):
     """Yield an empty temp folder beside `path`; on success it takes `path`'s place (an existing
-    folder is moved aside, then deleted), so a reader sees the old folder or the new one, whole."""
+    folder is moved aside, then deleted), so `path` never holds a partial folder: a reader finds the
+    old one, the new one whole, or, between the two renames, none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name[:200]}.partial-", dir=path.parent))

@@ -192,14 +192,24 @@ def measure_latent_statistics(vae: AutoencoderKLQwenImage, seed: int, device: to
 
 
 @torch.no_grad()
-def reconstruct(pipe, image: Image.Image) -> Image.Image:
-    """Encode and decode the pipelines' way: normalised latents in, de-normalised, decoded, postprocessed."""
+def encode_normalised(pipe, image: Image.Image) -> torch.Tensor:
+    """The image's normalised latents [1, 16, 1, h, w], as the trainer's caches hold a target's."""
+    return encode_image_latents(pipe, preprocess_target(pipe, image, image.size))[None, :, None]
+
+
+@torch.no_grad()
+def decode_normalised(pipe, latents: torch.Tensor) -> Image.Image:
+    """Normalised latents [1, 16, 1, h, w] to a picture the pipelines' way: de-normalised, decoded, postprocessed."""
     vae = pipe.vae
-    latents = encode_image_latents(pipe, preprocess_target(pipe, image, image.size))[None, :, None]
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
     decoded = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
     return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+
+
+def reconstruct(pipe, image: Image.Image) -> Image.Image:
+    """Encode and decode the pipelines' way."""
+    return decode_normalised(pipe, encode_normalised(pipe, image))
 
 
 def reconstruction_psnr(pipe, images: list[Image.Image]) -> float:
@@ -358,11 +368,8 @@ def sample_edit(pipe, pair, guidance: float = 4.0, steps: int = 8, seed: int = 0
                             [encode_image_latents(pipe, image) for image in refs.vae_images])
     tokens = generate_latents(pipe.transformer, pipe.scheduler, cond, SIZE, SIZE, steps, guidance,
                               torch.Generator("cpu").manual_seed(seed), pipe.vae_scale_factor)
-    vae = pipe.vae
     latents = pipe._unpack_latents(tokens, SIZE, SIZE, pipe.vae_scale_factor)
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-    image = pipe.image_processor.postprocess(vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0], output_type="pil")[0]
+    image = decode_normalised(pipe, latents)
     return (image, latents) if with_latents else image
 
 
